@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Build and install maskfrozen.
+
+The compiled extension ``maskfrozen._C`` holds the multi-scale deformable attention
+kernels. The C++ CPU kernel is always built. The CUDA kernel is added when a CUDA
+toolkit is found and torch has CUDA (or ``FORCE_CUDA=1``); ``FORCE_CUDA=0`` disables
+it. Building nothing compiled is possible too (``MASKFROZEN_NO_EXT=1``): the op then
+falls back to its pure-PyTorch reference at run time.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("maskfrozen", "ops", "csrc")
+
+
+def _want_cuda(cuda_home) -> bool:
+    forced = os.environ.get("FORCE_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return cuda_home is not None and torch.version.cuda is not None
+
+
+def get_extensions():
+    """The C++ (and, when possible, CUDA) extension ``maskfrozen._C``."""
+    if os.environ.get("MASKFROZEN_NO_EXT") == "1":
+        return []
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    if not sources:
+        return []
+    # at::parallel_for is inlined from torch's headers as OpenMP pragmas: without
+    # -fopenmp the kernels would silently run on one thread.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = []
+    extension = CppExtension
+    extra_compile_args = {"cxx": cxx_flags}
+    if _want_cuda(CUDA_HOME):
+        extension = CUDAExtension
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        define_macros.append(("WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
+    return [
+        extension(
+            "maskfrozen._C",
+            sources,
+            include_dirs=[os.path.join(HERE, CSRC)],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def get_cmdclass():
+    if os.environ.get("MASKFROZEN_NO_EXT") == "1":
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="maskfrozen",
+    version="0.1.0",
+    description="Query-based instance segmentation for Detectron2: Mask Frozen-DETR, "
+    "DETR detectors with Co-DETR heads, Mask2Former, FastInst and SOTR.",
+    packages=find_packages(exclude=("tests", "tests.*", "tools", "configs")),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch",
+        "torchvision",
+        "detectron2",
+        "fvcore",
+        "pycocotools",
+        "numpy",
+        "opencv-python-headless",
+        "scipy",
+    ],
+    extras_require={"fast-eval": ["faster-coco-eval"], "test": ["pytest"]},
+    ext_modules=get_extensions(),
+    cmdclass=get_cmdclass(),
+)
