@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 from .config import add_maskfrozen_config  # noqa: E402
 from . import data  # noqa: E402,F401  (registers datasets and mappers)
 from . import modeling  # noqa: E402,F401  (registers meta-architectures)
+from . import evaluation  # noqa: E402,F401  (COCOEvaluator backend, evaluator registry)
 
 __all__ = ["add_maskfrozen_config", "__version__"]

@@ -19,9 +19,59 @@ def add_engine_config(cfg: CN) -> None:
     cfg.MODEL.FREEZE_PATTERNS = []
 
 
+def add_detr_config(cfg: CN) -> None:
+    """DETR family (``DeformableDETR`` meta-arch). Defaults = Deformable-DETR two-stage
+    + box refine (R50, COCO); DINO and H-DETR set their options in their yaml files."""
+    cfg.MODEL.DETR = CN()
+    d = cfg.MODEL.DETR
+    d.NUM_CLASSES = 80
+    d.IN_FEATURES = ["res3", "res4", "res5"]
+    d.NUM_FEATURE_LEVELS = 4  # extra stride-2 levels = NUM_FEATURE_LEVELS - len(IN_FEATURES)
+    d.GN_GROUPS = 32
+    d.HIDDEN_DIM = 256
+    d.NHEADS = 8
+    d.ENC_LAYERS = 6
+    d.DEC_LAYERS = 6
+    d.DIM_FEEDFORWARD = 1024
+    d.DROPOUT = 0.1
+    d.ACTIVATION = "relu"
+    d.ENC_N_POINTS = 4
+    d.DEC_N_POINTS = 4
+    d.POSITION_TEMPERATURE = 10000.0
+    d.POSITION_OFFSET = 0.0  # DINO (detrex): -0.5
+    d.NUM_QUERIES = 300
+    d.TWO_STAGE = True
+    d.BOX_REFINE = True
+    d.MIXED_SELECTION = False  # content queries learned, positions from the proposals
+    d.QUERY_POS = "static"  # "static" (Deformable-DETR, H-DETR) | "dynamic" (DINO)
+    d.LOOK_FORWARD_TWICE = False
+    d.DECODER_FINAL_NORM = False  # DINO: True
+    # Hungarian matching costs and loss weights (focal class cost / loss)
+    d.CLASS_COST_WEIGHT = 2.0
+    d.BBOX_COST_WEIGHT = 5.0
+    d.GIOU_COST_WEIGHT = 2.0
+    d.CLASS_WEIGHT = 2.0
+    d.BBOX_WEIGHT = 5.0
+    d.GIOU_WEIGHT = 2.0
+    d.FOCAL_ALPHA = 0.25
+    d.FOCAL_GAMMA = 2.0
+    d.ENC_CLASS_AGNOSTIC = True  # encoder proposals scored object-vs-background
+    # DINO contrastive denoising: positive dn queries per image (0 = off)
+    d.DN_NUMBER = 0
+    d.DN_LABEL_NOISE = 0.5
+    d.DN_BOX_NOISE = 1.0
+    # H-DETR hybrid matching: extra one-to-many queries (0 = off), GT repeats k, loss weight
+    d.NUM_QUERIES_ONE2MANY = 0
+    d.K_ONE2MANY = 6
+    d.LAMBDA_ONE2MANY = 1.0
+    d.SIZE_DIVISIBILITY = 32
+    d.TEST_TOPK = 100
+
+
 def add_maskfrozen_config(cfg: CN) -> None:
     """Add every maskfrozen config key (idempotent)."""
     if getattr(cfg, "_maskfrozen_keys_added", False):
         return
     add_engine_config(cfg)
+    add_detr_config(cfg)
     cfg._maskfrozen_keys_added = True

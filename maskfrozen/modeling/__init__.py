@@ -1,1 +1,2 @@
 """Models: importing this package registers every meta-architecture."""
+from . import detr  # noqa: F401,E402  (registers DeformableDETR)

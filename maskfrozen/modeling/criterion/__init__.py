@@ -1,0 +1,13 @@
+"""Matching and losses shared by every query-based model (DETRs, mask models)."""
+from .losses import (  # noqa: F401
+    box_l1_cost,
+    box_losses,
+    class_cost_focal,
+    class_cost_softmax,
+    class_loss_focal,
+    class_loss_softmax,
+    giou_cost,
+    matched_query_index,
+)
+from .matcher import HungarianMatcher, default_cost_fns  # noqa: F401
+from .set_criterion import SetCriterion, repeat_targets  # noqa: F401

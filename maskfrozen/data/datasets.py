@@ -1,0 +1,324 @@
+"""Dataset registration: the synthetic "shapes" splits and a validating COCO-json registrar.
+
+Importing this module registers (without generating anything):
+
+==================  ======  =========  ====
+name                images  size (px)  seed
+==================  ======  =========  ====
+shapes_train          1000     256        0
+shapes_val             200     256        1
+shapes_tiny_train        8     128        2
+shapes_tiny_val          4     128        3
+==================  ======  =========  ====
+
+They are registered exactly as ``register_coco_instances`` would (metadata ``json_file``,
+``image_root``, ``evaluator_type="coco"``, ``thing_classes``), so COCOEvaluator, the
+Visualizer and ``load_coco_json`` work unchanged. Files are generated on first use: by the
+DatasetCatalog function, or explicitly by :func:`prepare_shapes` / :func:`ensure_dataset_files`
+(call the latter before building a COCOEvaluator, which reads ``metadata.json_file`` at
+construction).
+
+Other sizes: any name ``shapes_n<IMAGES>_s<SIZE>_seed<SEED>`` (e.g. ``shapes_n500_s320_seed7``)
+can be put in ``DATASETS.TRAIN/TEST``; :func:`ensure_dataset_files` registers it on demand,
+or call :func:`register_shapes` with any name.
+
+Cache: ``$DETECTRON2_DATASETS/shapes/n<IMAGES>_s<SIZE>_seed<SEED>_v<GENERATOR_VERSION>/``
+(root default ``./datasets``, resolved at registration like detectron2's builtins) holding
+``images/``, ``annotations.json`` and ``params.json``. It is written to a temporary sibling
+directory and renamed into place, so an interrupted run never leaves a partial dataset (at
+most a stale ``.tmp-*`` directory, safe to delete); concurrent processes (multi-GPU launch)
+each generate and the first rename wins.
+
+Detectron2's builtin COCO names (``coco_2017_train``...) are untouched; see datasets/README.md.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+from .shapes import ANNOTATION_FILE, GENERATOR_VERSION, IMAGE_DIR, SHAPE_CLASSES, generate_shapes_dataset
+
+__all__ = [
+    "BUILTIN_SHAPES_SPLITS",
+    "SHAPES_NAME_PATTERN",
+    "ShapesSpec",
+    "register_shapes",
+    "register_shapes_from_name",
+    "prepare_shapes",
+    "ensure_dataset_files",
+    "validate_coco_json",
+    "register_coco_instances_validated",
+]
+
+logger = logging.getLogger(__name__)
+
+PARAMS_FILE = "params.json"
+# distinct, readable colours for the Visualizer, one per SHAPE_CLASSES entry
+_THING_COLORS = [(220, 20, 60), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180)]
+
+
+@dataclass(frozen=True)
+class ShapesSpec:
+    """Parameters of one shapes split; ``root`` is the datasets root it is cached under."""
+
+    num_images: int
+    image_size: int
+    seed: int
+    root: str
+
+    @property
+    def directory(self) -> str:
+        tag = f"n{self.num_images}_s{self.image_size}_seed{self.seed}_v{GENERATOR_VERSION}"
+        return os.path.join(self.root, "shapes", tag)
+
+    @property
+    def json_file(self) -> str:
+        return os.path.join(self.directory, ANNOTATION_FILE)
+
+    @property
+    def image_root(self) -> str:
+        return os.path.join(self.directory, IMAGE_DIR)
+
+    def params(self) -> dict:
+        params = {k: v for k, v in asdict(self).items() if k != "root"}
+        return {**params, "generator_version": GENERATOR_VERSION}
+
+
+BUILTIN_SHAPES_SPLITS: Dict[str, tuple] = {
+    # name: (num_images, image_size, seed)
+    "shapes_train": (1000, 256, 0),
+    "shapes_val": (200, 256, 1),
+    "shapes_tiny_train": (8, 128, 2),
+    "shapes_tiny_val": (4, 128, 3),
+}
+SHAPES_NAME_PATTERN = re.compile(r"^shapes_n(?P<num_images>\d+)_s(?P<image_size>\d+)_seed(?P<seed>\d+)$")
+
+_SHAPES_SPECS: Dict[str, ShapesSpec] = {}
+
+
+def _default_root() -> str:
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+# ----------------------------------------------------------------------------- shapes
+def register_shapes(
+    name: str, num_images: int, image_size: int, seed: int, root: Optional[str] = None
+) -> ShapesSpec:
+    """Register a shapes split under ``name`` (nothing is generated here).
+
+    Args:
+        name: dataset name for ``DATASETS.TRAIN/TEST``; must not be registered yet.
+        num_images, image_size, seed: generator parameters (square images).
+        root: datasets root; default ``$DETECTRON2_DATASETS`` or ``./datasets``.
+    """
+    if num_images < 1 or image_size < 16:
+        raise ValueError(f"shapes dataset {name!r}: need num_images >= 1 and image_size >= 16")
+    spec = ShapesSpec(int(num_images), int(image_size), int(seed), root or _default_root())
+    DatasetCatalog.register(name, functools.partial(_load_shapes, name))
+    MetadataCatalog.get(name).set(
+        json_file=spec.json_file,
+        image_root=spec.image_root,
+        evaluator_type="coco",
+        thing_classes=list(SHAPE_CLASSES),
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SHAPE_CLASSES))},
+        thing_colors=list(_THING_COLORS),
+    )
+    _SHAPES_SPECS[name] = spec
+    return spec
+
+
+def register_shapes_from_name(name: str, root: Optional[str] = None) -> ShapesSpec:
+    """Register a name of the form ``shapes_n<IMAGES>_s<SIZE>_seed<SEED>`` (idempotent)."""
+    if name in _SHAPES_SPECS:
+        return _SHAPES_SPECS[name]
+    match = SHAPES_NAME_PATTERN.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} does not match {SHAPES_NAME_PATTERN.pattern}")
+    return register_shapes(name, **{k: int(v) for k, v in match.groupdict().items()}, root=root)
+
+
+def _load_shapes(name: str) -> List[dict]:
+    json_file = prepare_shapes(name)
+    return load_coco_json(json_file, _SHAPES_SPECS[name].image_root, name)
+
+
+def _shapes_spec(name: str) -> ShapesSpec:
+    if name not in _SHAPES_SPECS:
+        raise KeyError(
+            f"{name!r} is not a registered shapes dataset; registered: {sorted(_SHAPES_SPECS)} "
+            f"(or use a name matching {SHAPES_NAME_PATTERN.pattern})"
+        )
+    return _SHAPES_SPECS[name]
+
+
+def _is_generated(spec: ShapesSpec) -> bool:
+    """True when the cache directory is complete for ``spec``; raise if it holds other data."""
+    params_file = os.path.join(spec.directory, PARAMS_FILE)
+    if not os.path.isdir(spec.directory):
+        return False
+    if not os.path.isfile(params_file) or not os.path.isfile(spec.json_file):
+        raise RuntimeError(
+            f"{spec.directory} exists but lacks {PARAMS_FILE} or {ANNOTATION_FILE}; "
+            "it was not written by prepare_shapes. Delete it to regenerate."
+        )
+    with open(params_file) as f:
+        recorded = json.load(f)
+    recorded = {k: recorded.get(k) for k in spec.params()}
+    if recorded != spec.params():
+        raise RuntimeError(
+            f"{params_file} records {recorded}, expected {spec.params()}. Delete it to regenerate."
+        )
+    return True
+
+
+def prepare_shapes(name: str) -> str:
+    """Generate the registered shapes split ``name`` if not cached yet; return its json path."""
+    spec = _shapes_spec(name)
+    if _is_generated(spec):
+        return spec.json_file
+    parent = os.path.dirname(spec.directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(spec.directory)}-", dir=parent)
+    try:
+        start = time.perf_counter()
+        generate_shapes_dataset(tmp_dir, spec.num_images, spec.image_size, spec.seed)
+        with open(os.path.join(tmp_dir, PARAMS_FILE), "w") as f:
+            json.dump(spec.params(), f, indent=1)
+        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp_dir, spec.directory)
+        except OSError:
+            if not _is_generated(spec):  # a concurrent process may have won the rename
+                raise
+        logger.info(f"Generated {name} ({spec.num_images} images) in {spec.directory} "
+                    f"in {time.perf_counter() - start:.1f} s")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return spec.json_file
+
+
+def ensure_dataset_files(dataset_name: str) -> None:
+    """Make the files of ``dataset_name`` exist: registers ``shapes_n*_s*_seed*`` names on
+    demand and generates shapes datasets; a no-op for any other dataset (e.g. COCO)."""
+    if dataset_name not in _SHAPES_SPECS and dataset_name not in DatasetCatalog.list():
+        if SHAPES_NAME_PATTERN.match(dataset_name):
+            register_shapes_from_name(dataset_name)
+    if dataset_name in _SHAPES_SPECS:
+        prepare_shapes(dataset_name)
+
+
+# ----------------------------------------------------------------------------- validation
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _segmentation_problem(segm, image: dict) -> Optional[str]:
+    if isinstance(segm, dict):
+        size = segm.get("size")
+        if "counts" not in segm or size is None:
+            return "RLE segmentation needs 'size' and 'counts'"
+        if list(size) != [image.get("height"), image.get("width")]:
+            image_size = [image.get("height"), image.get("width")]
+            return f"RLE size {list(size)} differs from image height/width {image_size}"
+        return None
+    if not isinstance(segm, list) or len(segm) == 0:
+        return f"empty or non-list polygon segmentation {segm!r}"
+    for poly in segm:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(map(_is_number, poly)):
+            return f"polygon needs an even number >= 6 of coordinates, got {str(poly)[:80]}"
+    return None
+
+
+def _annotation_problem(ann: dict, images: Dict[int, dict], category_ids: set) -> Optional[str]:
+    if ann.get("image_id") not in images:
+        return f"image_id {ann.get('image_id')!r} is not in 'images'"
+    if ann.get("category_id") not in category_ids:
+        return f"category_id {ann.get('category_id')!r} is not in 'categories'"
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+        return f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"degenerate bbox {bbox} (width and height must be > 0)"
+    if "segmentation" in ann:
+        return _segmentation_problem(ann["segmentation"], images[ann["image_id"]])
+    return None
+
+
+def validate_coco_json(json_file: str, max_reported: int = 5) -> dict:
+    """Check a COCO instances json before training on it; return counts
+    ``{"images", "annotations", "images_without_annotations"}``.
+
+    Raises ValueError naming the file and the offending annotation ids for: missing
+    top-level keys, duplicate image/annotation ids, unknown image/category ids, a bbox that is
+    not 4 finite numbers or has width/height <= 0, an empty polygon list or a polygon with
+    < 3 points, an RLE whose size differs from its image. (Unchecked, detectron2 silently
+    keeps degenerate boxes until the mapper drops them, drops < 3-point polygons with one
+    warning count, and keeps ``segmentation: []`` as an instance without a mask.)
+    Images without annotations are valid: detectron2 drops them from training
+    (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) and logs how many it removed.
+    """
+    with open(json_file) as f:
+        coco = json.load(f)
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(coco.get(k), list)]
+    if missing:
+        raise ValueError(f"{json_file}: missing or non-list top-level keys {missing}")
+    images = {img.get("id"): img for img in coco["images"]}
+    if len(images) != len(coco["images"]):
+        raise ValueError(f"{json_file}: image ids are not unique")
+    ann_ids = [ann.get("id") for ann in coco["annotations"]]
+    if len(set(ann_ids)) != len(ann_ids):
+        raise ValueError(f"{json_file}: annotation ids are not unique")
+    category_ids = {c.get("id") for c in coco["categories"]}
+    problems = []
+    for ann in coco["annotations"]:
+        problem = _annotation_problem(ann, images, category_ids)
+        if problem is not None:
+            problems.append(f"annotation id {ann.get('id')} (image_id {ann.get('image_id')}): {problem}")
+    if problems:
+        shown = "\n  ".join(problems[:max_reported])
+        more = f"\n  ... and {len(problems) - max_reported} more" if len(problems) > max_reported else ""
+        raise ValueError(f"{json_file}: {len(problems)} invalid annotation(s):\n  {shown}{more}")
+    annotated = {ann["image_id"] for ann in coco["annotations"]}
+    return {
+        "images": len(images),
+        "annotations": len(ann_ids),
+        "images_without_annotations": len(set(images) - annotated),
+    }
+
+
+def _load_validated_coco_json(name: str, json_file: str, image_root: str) -> List[dict]:
+    counts = validate_coco_json(json_file)
+    if counts["images_without_annotations"]:
+        logger.info(f"{name}: {counts['images_without_annotations']} of {counts['images']} images "
+                    "have no annotation (dropped from training when DATALOADER.FILTER_EMPTY_ANNOTATIONS)")
+    return load_coco_json(json_file, image_root, name)
+
+
+def register_coco_instances_validated(name: str, metadata: dict, json_file: str, image_root: str) -> None:
+    """Same as detectron2's ``register_coco_instances`` but the json is checked by
+    :func:`validate_coco_json` when the dataset is first loaded (clear errors, no silent drops)."""
+    DatasetCatalog.register(name, functools.partial(_load_validated_coco_json, name, json_file, image_root))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    )
+
+
+def _register_builtin_shapes() -> None:
+    for name, (num_images, image_size, seed) in BUILTIN_SHAPES_SPLITS.items():
+        if name not in DatasetCatalog.list():
+            register_shapes(name, num_images, image_size, seed)
+
+
+_register_builtin_shapes()

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny configs on the tiny shapes splits, a briefly trained model."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "shapes", "mask_rcnn_R18_FPN_tiny.yaml")
+
+
+def make_cfg(config_file: str, output_dir: str, *opts):
+    """A frozen config as tools/train_net.py builds it."""
+    from detectron2.config import get_cfg
+
+    import maskfrozen
+
+    cfg = get_cfg()
+    maskfrozen.add_maskfrozen_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(["OUTPUT_DIR", str(output_dir), *opts])
+    cfg.freeze()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """The tiny Mask R-CNN config trained for its 2 iterations: (cfg, weights path)."""
+    from maskfrozen.engine import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_train")
+    cfg = make_cfg(TINY_CONFIG, out)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    weights = os.path.join(out, "model_final.pth")
+    assert os.path.isfile(weights)
+    return cfg, weights
