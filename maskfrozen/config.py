@@ -68,10 +68,77 @@ def add_detr_config(cfg: CN) -> None:
     d.TEST_TOPK = 100
 
 
+def add_mask_frozen_config(cfg: CN) -> None:
+    """Mask Frozen-DETR (``MaskFrozenDETR`` meta-arch). Defaults = the paper's final design
+    on a COCO detector (configs/coco/mask_frozen_detr/*.yaml). The
+    detector itself is configured by the usual sections (``MODEL.DETR``, backbone)."""
+    cfg.MODEL.MASK_FROZEN = CN()
+    m = cfg.MODEL.MASK_FROZEN
+    m.DETECTOR_META_ARCHITECTURE = "DeformableDETR"
+    m.DETECTOR_WEIGHTS = ""  # required: checkpoint of the trained detector
+    m.ALLOW_RANDOM_DETECTOR = False  # tests only: run without DETECTOR_WEIGHTS
+    m.C1_FEATURE = "res2"  # backbone stage-1 (stride 4) feature; must be in the backbone outputs
+    m.NUM_QUERIES = 100  # top-N detector queries by class score
+    m.MASK_REGION = "box"  # "box": RoI masks pasted into the boxes | "image": baseline masks at 1/4
+    m.ROI_SIZE = 32
+    m.NECK = "conv_gn"  # on C1: "conv_gn" (pointwise conv + GN, the paper's neck) | "linear" (conv only)
+    m.NECK_GN_GROUPS = 32
+    m.MASK_EMBED_LAYERS = 3  # MLP q_i -> e_i
+    m.IMAGE_ENCODER = CN()  # F_e on the encoder features
+    m.IMAGE_ENCODER.NAME = "deformable"  # "none" | "deformable" | "swin" | "convnext"
+    m.IMAGE_ENCODER.DEPTH = 2
+    m.IMAGE_ENCODER.NHEADS = 8
+    m.IMAGE_ENCODER.N_POINTS = 4
+    m.IMAGE_ENCODER.DIM_FEEDFORWARD = 1024
+    m.IMAGE_ENCODER.WINDOW_SIZE = 7  # swin
+    m.BOX_ENCODER = CN()  # F_b on the RoI features
+    m.BOX_ENCODER.NAME = "transformer"  # "none" | "transformer" (linear channel mapper + layers)
+    m.BOX_ENCODER.DIM = 128
+    m.BOX_ENCODER.DEPTH = 1
+    m.BOX_ENCODER.NHEADS = 8
+    m.BOX_ENCODER.DIM_FEEDFORWARD = 512
+    m.QUERY_ENCODER = CN()
+    m.QUERY_ENCODER.NAME = "cross"  # "none" | "cross" (box-to-object) | "cross_self" | "cross_self_ffn"
+    m.QUERY_ENCODER.DEPTH = 1
+    m.QUERY_ENCODER.NHEADS = 8
+    m.QUERY_ENCODER.DIM_FEEDFORWARD = 1024
+    m.MASK_SCORING = CN()  # on: score = class x predicted IoU; off: class x mean mask probability
+    m.MASK_SCORING.ENABLED = True
+    m.MASK_SCORING.CONV_DIM = 256
+    m.MASK_SCORING.NUM_CONVS = 2
+    m.MASK_SCORING.FC_DIM = 256
+    m.MASK_SCORING.NUM_FC = 2
+    m.MASK_SCORING.POOL_SIZE = 4  # conv output average-pooled to P x P before the MLP
+    # point-sampled mask loss: N points, oversample k, importance ratio beta (Mask2Former values)
+    m.NUM_POINTS = 12544
+    m.OVERSAMPLE_RATIO = 3.0
+    m.IMPORTANCE_SAMPLE_RATIO = 0.75
+    m.MASK_WEIGHT = 5.0
+    m.DICE_WEIGHT = 5.0
+    m.MASK_IOU_WEIGHT = 1.0
+    m.TEST = CN()
+    m.TEST.MASK_THRESHOLD = 0.5
+
+
 def add_maskfrozen_config(cfg: CN) -> None:
     """Add every maskfrozen config key (idempotent)."""
     if getattr(cfg, "_maskfrozen_keys_added", False):
         return
     add_engine_config(cfg)
     add_detr_config(cfg)
+    add_mask_frozen_config(cfg)
     cfg._maskfrozen_keys_added = True
+
+
+def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
+    """detectron2's defaults + every maskfrozen key + ``config_file`` + ``KEY VALUE`` overrides,
+    as tools/train_net.py, tools/demo.py and the tests build it."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_maskfrozen_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if freeze:
+        cfg.freeze()
+    return cfg

@@ -12,16 +12,9 @@ TINY_CONFIG = os.path.join(REPO, "configs", "shapes", "mask_rcnn_R18_FPN_tiny.ya
 
 def make_cfg(config_file: str, output_dir: str, *opts):
     """A frozen config as tools/train_net.py builds it."""
-    from detectron2.config import get_cfg
+    from maskfrozen.config import load_config
 
-    import maskfrozen
-
-    cfg = get_cfg()
-    maskfrozen.add_maskfrozen_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["OUTPUT_DIR", str(output_dir), *opts])
-    cfg.freeze()
-    return cfg
+    return load_config(config_file, ["OUTPUT_DIR", str(output_dir), *opts])
 
 
 @pytest.fixture(scope="session")

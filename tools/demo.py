@@ -11,10 +11,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 
-import maskfrozen  # noqa: E402
+import maskfrozen  # noqa: E402,F401
+from maskfrozen.config import load_config  # noqa: E402
 from maskfrozen.engine.visualize import list_images, write_overlays  # noqa: E402
 
 
@@ -33,18 +33,9 @@ def parse_args(argv=None):
     return args
 
 
-def setup_cfg(args):
-    cfg = get_cfg()
-    maskfrozen.add_maskfrozen_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
-
-
 def main(argv=None):
     args = parse_args(argv)
-    cfg = setup_cfg(args)
+    cfg = load_config(args.config_file, args.opts)
     paths = list_images(args.input) if args.input else [d["file_name"] for d in DatasetCatalog.get(args.dataset)]
     if args.max_images > 0:
         paths = paths[: args.max_images]

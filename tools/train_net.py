@@ -11,22 +11,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-import maskfrozen  # noqa: E402  (registers models, datasets, mappers)
+import maskfrozen  # noqa: E402,F401  (registers models, datasets, mappers)
+from maskfrozen.config import load_config  # noqa: E402
 from maskfrozen.engine import AtomicCheckpointer, Trainer, launch  # noqa: E402
 
 
 def setup(args):
     """Config from defaults + maskfrozen keys + the file + command-line overrides."""
-    cfg = get_cfg()
-    maskfrozen.add_maskfrozen_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
 

@@ -1,5 +1,5 @@
 // Python bindings of maskfrozen._C: input checks, then dispatch by device to the CPU or
-// CUDA kernel. The Python wrapper (maskfrozen/ops/ms_deform_attn.py) checks the same
+// CUDA kernel. The Python wrapper (maskfrozen/ops/dispatch.py) checks the same
 // things with friendlier messages; these checks keep direct calls safe.
 #include <torch/extension.h>
 
@@ -128,5 +128,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "multi-scale deformable attention backward -> (grad_value, grad_sampling_locations, grad_attention_weights)",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("grad_output"));
+  m.def("cpu_isa", &maskfrozen::ms_deform_attn_cpu_isa, "instruction set used by the CPU kernels");
+  m.def("set_cpu_isa", &maskfrozen::ms_deform_attn_set_cpu_isa,
+        "force the CPU kernels' instruction set (default, avx2, avx512); returns the previous one", py::arg("name"));
   m.def("cuda_compiled", &maskfrozen::cuda_compiled, "whether the CUDA kernels were compiled in");
 }

@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 namespace maskfrozen {
@@ -24,6 +25,11 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cpu_backward(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights, const at::Tensor& grad_output);
+
+// Instruction set of the CPU kernels' inner loops: "default", "avx2" or "avx512" (the best
+// the CPU supports unless overridden; overriding is for tests and benchmarks).
+std::string ms_deform_attn_cpu_isa();
+std::string ms_deform_attn_set_cpu_isa(const std::string& name);  // returns the previous one
 
 #ifdef WITH_CUDA
 at::Tensor ms_deform_attn_cuda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
