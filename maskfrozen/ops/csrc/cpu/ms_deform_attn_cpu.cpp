@@ -22,14 +22,13 @@
 #include <string>
 #include <vector>
 
+#include "bilinear.h"
 #include "ms_deform_attn.h"
 
 #if defined(__GNUC__)
-#define MSDA_INLINE inline __attribute__((always_inline))
 #define MSDA_RESTRICT __restrict__
 #define MSDA_PREFETCH(addr, rw) __builtin_prefetch((addr), (rw), 3)
 #else
-#define MSDA_INLINE inline
 #define MSDA_RESTRICT
 #define MSDA_PREFETCH(addr, rw) ((void)0)
 #endif
@@ -62,48 +61,13 @@ struct Problem {
   int64_t n, len_in, len_q, heads, head_dim, levels, points;
 };
 
-// Bilinear footprint of one sample: 4 corner rows (clamped into the map so reads stay in
-// bounds; element offsets from the (batch, head) base), their bilinear weights (zero for
-// corners outside the map) and what the location gradient needs.
+// Footprint of one sample: its bilinear corners (offsets from the (batch, head) base) and
+// what the backward needs besides.
 template <typename T>
-struct Footprint {
-  int64_t offset[4];  // corners (y0,x0), (y0,x1), (y1,x0), (y1,x1)
-  T weight[4];
-  T inside[4];  // 1 if the corner lies in the map, else 0
-  T fx, fy, attn, w, h;
+struct Footprint : BilinearCorners<T> {
+  T attn, w, h;
   bool valid;  // false when no corner lies in the map (the sample reads zeros)
 };
-
-// x, y: pixel coordinates with centres at integers (loc * size - 0.5).
-template <typename T>
-MSDA_INLINE void bilinear_footprint(T x, T y, int64_t h, int64_t w, int64_t level_offset, int64_t row_stride,
-                                    Footprint<T>& f) {
-  f.valid = x >= T(-1) && y >= T(-1) && x < T(w) && y < T(h);  // false for NaN too
-  if (!f.valid) return;
-  const T xf = std::floor(x), yf = std::floor(y);
-  const int64_t x0 = static_cast<int64_t>(xf), y0 = static_cast<int64_t>(yf);
-  const int64_t x1 = x0 + 1, y1 = y0 + 1;
-  f.fx = x - xf;
-  f.fy = y - yf;
-  f.w = T(w);
-  f.h = T(h);
-  const bool in_x0 = x0 >= 0, in_x1 = x1 < w, in_y0 = y0 >= 0, in_y1 = y1 < h;
-  const int64_t cx0 = in_x0 ? x0 : 0, cx1 = in_x1 ? x1 : w - 1;
-  const int64_t cy0 = in_y0 ? y0 : 0, cy1 = in_y1 ? y1 : h - 1;
-  f.offset[0] = level_offset + (cy0 * w + cx0) * row_stride;
-  f.offset[1] = level_offset + (cy0 * w + cx1) * row_stride;
-  f.offset[2] = level_offset + (cy1 * w + cx0) * row_stride;
-  f.offset[3] = level_offset + (cy1 * w + cx1) * row_stride;
-  f.inside[0] = T(in_y0 && in_x0);
-  f.inside[1] = T(in_y0 && in_x1);
-  f.inside[2] = T(in_y1 && in_x0);
-  f.inside[3] = T(in_y1 && in_x1);
-  const T hx = T(1) - f.fx, hy = T(1) - f.fy;
-  f.weight[0] = hy * hx * f.inside[0];
-  f.weight[1] = hy * f.fx * f.inside[1];
-  f.weight[2] = f.fy * hx * f.inside[2];
-  f.weight[3] = f.fy * f.fx * f.inside[3];
-}
 
 template <typename T>
 MSDA_INLINE void prefetch_row(const T* row, int64_t count, int rw) {
@@ -131,9 +95,11 @@ MSDA_INLINE void query_footprints(const Problem<T>& pb, int64_t n, int64_t q, in
     const int64_t h = pb.level_hw[2 * l], w = pb.level_hw[2 * l + 1];
     const int64_t level_offset = pb.level_start[l] * row;
     for (int64_t p = 0; p < pb.points; ++p, loc += 2, ++attn, ++fp) {
-      bilinear_footprint<T>(loc[0] * T(w) - T(0.5), loc[1] * T(h) - T(0.5), h, w, level_offset, row, *fp);
+      fp->valid = bilinear_corners<T>(loc[0] * T(w) - T(0.5), loc[1] * T(h) - T(0.5), h, w, level_offset, row, *fp);
       fp->attn = *attn;
       if (!fp->valid) continue;
+      fp->w = T(w);
+      fp->h = T(h);
       for (int c = 0; c < 4; ++c) {
         prefetch_row(value_base + fp->offset[c], dim, 0);
         if (grad_base != nullptr) prefetch_row(grad_base + fp->offset[c], dim, 1);
