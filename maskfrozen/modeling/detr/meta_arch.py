@@ -92,7 +92,7 @@ class DeformableDETR(nn.Module):
             dec_n_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_queries_one2many=d.NUM_QUERIES_ONE2MANY,
             two_stage=d.TWO_STAGE, box_refine=d.BOX_REFINE, mixed_selection=d.MIXED_SELECTION,
             query_pos=d.QUERY_POS, look_forward_twice=d.LOOK_FORWARD_TWICE,
-            decoder_final_norm=d.DECODER_FINAL_NORM)
+            decoder_final_norm=d.DECODER_FINAL_NORM, proposal_score="first" if d.ENC_CLASS_AGNOSTIC else "max")
         denoising = None
         if d.DN_NUMBER > 0:
             denoising = ContrastiveDenoising(d.NUM_CLASSES, d.HIDDEN_DIM, d.DN_NUMBER, d.DN_LABEL_NOISE, d.DN_BOX_NOISE)
@@ -131,12 +131,23 @@ class DeformableDETR(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def multi_level_features(self, images: ImageList):
-        """(features, padding masks, position embeddings) per level."""
-        features = self.backbone(images.tensor)
+    def multi_level_features(self, images: ImageList, features: Optional[Dict[str, torch.Tensor]] = None):
+        """(features, padding masks, position embeddings) per level; ``features``: the
+        backbone outputs when the caller already computed them."""
+        features = self.backbone(images.tensor) if features is None else features
         srcs = self.neck([features[f] for f in self.in_features])
         masks = [self.level_padding_mask(images, src.shape[-2:], s) for src, s in zip(srcs, self.level_strides)]
         return srcs, masks, [self.position_embedding(m).to(src.dtype) for m, src in zip(masks, srcs)]
+
+    def detector_outputs(self, batched_inputs: List[Dict]):
+        """The inference path without post-processing: (padded ``ImageList``, every backbone
+        feature, including those the neck does not use such as ``res2``, and the
+        :class:`DeformableTransformerOutput`). Heads on a frozen detector attach here
+        (Mask Frozen-DETR)."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        srcs, masks, pos = self.multi_level_features(images, features)
+        return images, features, self.transformer(srcs, masks, pos)
 
     def level_padding_mask(self, images: ImageList, size, stride: int) -> torch.Tensor:
         """``[N, H_l, W_l]`` True outside ceil(image size / stride): exactly the cells a

@@ -17,6 +17,13 @@ DINO                 True         True        True (tgt_embed) "dynamic"        
 "static": the query position comes once from the learned query embedding or from the
 proposal boxes (Linear+LN of their sine embedding); "dynamic" (DINO, conditional):
 each layer recomputes it as MLP(sine(reference box)).
+
+Choices that differ from a public repo (all for padding invariance or cost):
+- the encoder-proposal loss covers the top-k selected proposals (DINO) in every
+  variant; Deformable-DETR / H-DETR supervise all tokens;
+- DINO's dynamic query position embeds the image-normalised reference box, not the
+  box scaled by level 0's valid ratio, so padding does not change it;
+- padded or out-of-range tokens are never selected as proposals (score -inf).
 """
 import math
 from dataclasses import dataclass, field
@@ -230,24 +237,32 @@ class DeformableDecoder(nn.Module):
 
     def forward(self, tgt, reference, memory, memory_padding_mask, spatial_shapes, level_start_index, valid_ratios,
                 query_pos, self_attn_mask, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList):
-        """``reference`` ``[N, Q, 2|4]`` is detached by the caller. Returns hidden states,
-        input references, logits and boxes, one entry per layer."""
+        """``reference`` ``[N, Q, 2|4]``: the initial references (two-stage proposals come
+        detached; learned one-stage references keep their gradient). Heads: one per layer
+        with box refinement, else ``[0]`` is shared. Returns hidden states, input
+        references, logits and boxes, one entry per layer."""
         hidden, references, logits, boxes = [], [], [], []
         pred_reference = reference
         for lid, layer in enumerate(self.layers):
             scaled = _scale_reference(reference, valid_ratios)
             if self.ref_point_head is not None:
-                query_pos = self.ref_point_head(sine_embedding(scaled[:, :, 0], self.d_model // 2))
+                # DINO embeds the reference scaled to level 0 (``scaled[:, :, 0]``); the
+                # image-normalised reference is used here so padding does not change it
+                query_pos = self.ref_point_head(sine_embedding(reference, self.d_model // 2))
             tgt = layer(tgt, query_pos, scaled, memory, spatial_shapes, level_start_index, memory_padding_mask,
                         self_attn_mask)
             hs = self.norm(tgt)
-            box_head = bbox_embed[min(lid, len(bbox_embed) - 1)]
+            head = lid if self.box_refine else 0
+            box_head = bbox_embed[head]
             references.append(reference)
             boxes.append(_apply_box_delta(box_head(hs), pred_reference))
-            logits.append(class_embed[min(lid, len(class_embed) - 1)](hs))
+            logits.append(class_embed[head](hs))
             hidden.append(hs)
             if self.box_refine:
-                refined = boxes[-1] if hs is tgt and not self.look_forward_twice else _apply_box_delta(box_head(tgt), reference)
+                # refine from the un-normed output (DINO); equal to the prediction when there
+                # is no final norm and the prediction's reference is the detached one
+                same_as_prediction = hs is tgt and not self.look_forward_twice
+                refined = boxes[-1] if same_as_prediction else _apply_box_delta(box_head(tgt), reference)
                 pred_reference = refined if self.look_forward_twice else refined.detach()
                 reference = refined.detach()
         return torch.stack(hidden), references, torch.stack(logits), torch.stack(boxes)
@@ -255,6 +270,14 @@ class DeformableDecoder(nn.Module):
 
 class DeformableTransformer(nn.Module):
     """Encoder + query selection + decoder + prediction heads (see module doc).
+
+    Args (beyond the usual sizes):
+        num_queries / num_queries_one2many: one-to-one queries; H-DETR's extra
+            one-to-many queries (training only).
+        two_stage, box_refine, mixed_selection, query_pos, look_forward_twice,
+            decoder_final_norm: the variant (see the table above).
+        proposal_score: rank encoder proposals by their best class ("max", DINO) or by
+            logit 0 ("first", class-agnostic proposals of Deformable-DETR / H-DETR).
 
     Parameters named as in detrex where the structure matches (``level_embeds``,
     ``tgt_embed``, ``enc_output(_norm)``, ``class_embed.{i}``, ``bbox_embed.{i}``; the
@@ -282,16 +305,20 @@ class DeformableTransformer(nn.Module):
         query_pos: str = "static",
         look_forward_twice: bool = False,
         decoder_final_norm: bool = False,
+        proposal_score: str = "max",
         prior_prob: float = 0.01,
     ):
         super().__init__()
         if query_pos == "dynamic" and not two_stage:
             raise ValueError("DeformableTransformer: query_pos='dynamic' (DINO) needs two_stage=True")
+        if proposal_score not in ("max", "first"):
+            raise ValueError(f"DeformableTransformer: proposal_score must be 'max' or 'first', got {proposal_score!r}")
         if not two_stage and num_queries_one2many:
             raise ValueError("DeformableTransformer: one-to-many queries need two_stage=True")
         self.d_model, self.num_classes = d_model, num_classes
         self.num_queries, self.num_queries_one2many = num_queries, num_queries_one2many
         self.two_stage, self.mixed_selection, self.query_pos_mode = two_stage, mixed_selection, query_pos
+        self.proposal_score = proposal_score
         layer_kwargs = dict(nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
                             num_levels=num_feature_levels)
         self.encoder = DeformableEncoder(num_encoder_layers, d_model=d_model, num_points=enc_n_points, **layer_kwargs)
@@ -353,7 +380,9 @@ class DeformableTransformer(nn.Module):
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_logits = self.class_embed[-1](out_memory)
         enc_boxes_unact = self.bbox_embed[-1](out_memory) + proposals_unact
-        scores = enc_logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        # "first": class-agnostic proposals are ranked by logit 0 (Deformable-DETR, H-DETR)
+        scores = enc_logits.max(-1).values if self.proposal_score == "max" else enc_logits[..., 0]
+        scores = scores.masked_fill(~valid, float("-inf"))
         topk = scores.topk(num_select, dim=1).indices
         gather = lambda x: torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         boxes_unact = gather(enc_boxes_unact)

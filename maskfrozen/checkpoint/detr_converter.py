@@ -1,0 +1,233 @@
+"""Convert public DETR checkpoints (detrex, original Deformable-DETR / H-DETR repos) to
+maskfrozen's ``DeformableDETR`` parameter names.
+
+Each source format is an explicit table of ``(pattern, replacement)`` rows, tried in
+order; the first matching row renames the key (``None`` drops it: aliases such as
+detrex's ``transformer.decoder.class_embed.*``, which duplicate ``class_embed.*``).
+A replacement may be a tuple of alternatives: the first that exists in the target
+model wins (``query_embedding`` is the content embedding of a mixed-selection model
+but the (pos, content) embedding of a one-stage one).
+
+Checks: every converted tensor must have the target's shape (else ``ValueError``,
+listing every mismatch); 91-row class heads of the original repos (COCO category ids
+0..90) are sliced to detectron2's 80 contiguous classes; the report lists source keys
+left unused and target keys left without a value.
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["ConversionReport", "convert_detr_state_dict", "KEY_TABLES", "coco_contiguous_ids"]
+
+Replacement = Union[None, str, Tuple[str, ...], Callable[[re.Match], str]]
+
+_ENC = r"transformer\.encoder\.layers\.(\d+)\."
+_DEC = r"transformer\.decoder\.layers\.(\d+)\."
+_ENC_OUT = r"transformer.encoder.layers.\1."
+_DEC_OUT = r"transformer.decoder.layers.\1."
+
+# detrex (DINO, H-Deformable-DETR, Deformable-DETR projects): detectron2 backbone/neck names
+DETREX_TABLE: List[Tuple[str, Replacement]] = [
+    (r"^backbone\.(.*)$", r"backbone.\1"),
+    (r"^neck\.(.*)$", r"neck.\1"),
+    (r"^transformer\.decoder\.(class_embed|bbox_embed)\..*$", None),  # aliases of the top-level heads
+    (r"^transformer\.(level_embeds|tgt_embed\.weight)$", r"transformer.\1"),
+    (r"^transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(weight|bias)$",
+     r"transformer.\1.\2"),
+    (_ENC + r"attentions\.0\.(.*)$", _ENC_OUT + r"self_attn.\2"),
+    (_ENC + r"ffns\.0\.layers\.0\.0\.(weight|bias)$", _ENC_OUT + r"ffn.linear1.\2"),
+    (_ENC + r"ffns\.0\.layers\.1\.(weight|bias)$", _ENC_OUT + r"ffn.linear2.\2"),
+    (_ENC + r"norms\.0\.(weight|bias)$", _ENC_OUT + r"norm1.\2"),
+    (_ENC + r"norms\.1\.(weight|bias)$", _ENC_OUT + r"norm2.\2"),
+    (_DEC + r"attentions\.0\.attn\.(.*)$", _DEC_OUT + r"self_attn.\2"),
+    (_DEC + r"attentions\.1\.(.*)$", _DEC_OUT + r"cross_attn.\2"),
+    (_DEC + r"ffns\.0\.layers\.0\.0\.(weight|bias)$", _DEC_OUT + r"ffn.linear1.\2"),
+    (_DEC + r"ffns\.0\.layers\.1\.(weight|bias)$", _DEC_OUT + r"ffn.linear2.\2"),
+    (_DEC + r"norms\.0\.(weight|bias)$", _DEC_OUT + r"norm1.\2"),
+    (_DEC + r"norms\.1\.(weight|bias)$", _DEC_OUT + r"norm2.\2"),
+    (_DEC + r"norms\.2\.(weight|bias)$", _DEC_OUT + r"norm3.\2"),
+    (r"^transformer\.decoder\.(ref_point_head\.layers\.\d+|norm)\.(weight|bias)$", r"transformer.decoder.\1.\2"),
+    (r"^query_embedding\.weight$", ("transformer.tgt_embed.weight", "transformer.query_embed.weight")),
+    (r"^class_embed\.(\d+)\.(weight|bias)$", r"transformer.class_embed.\1.\2"),
+    (r"^bbox_embed\.(\d+)\.layers\.(\d+)\.(weight|bias)$", r"transformer.bbox_embed.\1.layers.\2.\3"),
+    (r"^label_enc\.weight$", "denoising.label_enc.weight"),
+]
+
+
+def _torchvision_resnet(m: re.Match) -> str:
+    """``layer{k}.{i}.{conv|bn}{j}|downsample.{0|1}.<p>`` -> detectron2 ``res{k+1}`` names."""
+    stage, block, module, param = int(m.group(1)) + 1, m.group(2), m.group(3), m.group(4)
+    renamed = {"downsample.0": "shortcut", "downsample.1": "shortcut.norm"}.get(module)
+    if renamed is None:
+        kind, j = module[:-1], module[-1]
+        renamed = f"conv{j}" if kind == "conv" else f"conv{j}.norm"
+    return f"backbone.res{stage}.{block}.{renamed}.{param}"
+
+
+def _input_proj(m: re.Match, num_backbone_levels: int = 3) -> str:
+    """``input_proj.{i}.{0 conv|1 GN}`` -> ``neck.convs.{i}`` or ``neck.extra_convs.{i-3}``."""
+    i, part, param = int(m.group(1)), ("conv", "norm")[int(m.group(2))], m.group(3)
+    if i < num_backbone_levels:
+        return f"neck.convs.{i}.{part}.{param}"
+    return f"neck.extra_convs.{i - num_backbone_levels}.{part}.{param}"
+
+
+# fundamentalvision/Deformable-DETR and HDETR/H-Deformable-DETR (DETR-style names, 91 classes)
+ORIGINAL_DEFORMABLE_TABLE: List[Tuple[str, Replacement]] = [
+    (r"^backbone\.0\.body\.conv1\.weight$", "backbone.stem.conv1.weight"),
+    (r"^backbone\.0\.body\.bn1\.(weight|bias|running_mean|running_var)$", r"backbone.stem.conv1.norm.\1"),
+    (r"^backbone\.0\.body\.layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.0|downsample\.1)\.(weight|bias|running_mean|running_var)$",
+     _torchvision_resnet),
+    (r"^input_proj\.(\d+)\.(0|1)\.(weight|bias)$", _input_proj),
+    (r"^transformer\.decoder\.(class_embed|bbox_embed)\..*$", None),
+    (r"^transformer\.level_embed$", "transformer.level_embeds"),
+    (r"^transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(weight|bias)$",
+     r"transformer.\1.\2"),
+    (_ENC + r"(self_attn\..*)$", _ENC_OUT + r"\2"),
+    (_ENC + r"(norm1|norm2)\.(weight|bias)$", _ENC_OUT + r"\2.\3"),
+    (_ENC + r"(linear1|linear2)\.(weight|bias)$", _ENC_OUT + r"ffn.\2.\3"),
+    (_DEC + r"((self_attn|cross_attn)\..*)$", _DEC_OUT + r"\2"),
+    # original decoder: self-attn -> norm2, cross-attn -> norm1, FFN -> norm3
+    (_DEC + r"norm2\.(weight|bias)$", _DEC_OUT + r"norm1.\2"),
+    (_DEC + r"norm1\.(weight|bias)$", _DEC_OUT + r"norm2.\2"),
+    (_DEC + r"norm3\.(weight|bias)$", _DEC_OUT + r"norm3.\2"),
+    (_DEC + r"(linear1|linear2)\.(weight|bias)$", _DEC_OUT + r"ffn.\2.\3"),
+    (r"^query_embed\.weight$", ("transformer.tgt_embed.weight", "transformer.query_embed.weight")),
+    (r"^class_embed\.(\d+)\.(weight|bias)$", r"transformer.class_embed.\1.\2"),
+    (r"^bbox_embed\.(\d+)\.layers\.(\d+)\.(weight|bias)$", r"transformer.bbox_embed.\1.layers.\2.\3"),
+]
+
+# IDEA-Research/DINO: Deformable-DETR names plus DINO's parts. ``{L}`` = number of
+# decoder layers (our encoder-proposal head is the last entry of the head lists).
+# Its per-layer heads are usually shared (one tensor under every index): they are
+# copied to each of our (untied) heads.
+ORIGINAL_DINO_TABLE: List[Tuple[str, Replacement]] = [
+    (r"^transformer\.enc_out_class_embed\.(weight|bias)$", r"transformer.class_embed.{L}.\1"),
+    (r"^transformer\.enc_out_bbox_embed\.layers\.(\d+)\.(weight|bias)$", r"transformer.bbox_embed.{L}.layers.\1.\2"),
+    (r"^transformer\.tgt_embed\.weight$", "transformer.tgt_embed.weight"),
+    (r"^transformer\.decoder\.(ref_point_head\.layers\.\d+|norm)\.(weight|bias)$", r"transformer.decoder.\1.\2"),
+    (r"^label_enc\.weight$", "denoising.label_enc.weight"),
+] + ORIGINAL_DEFORMABLE_TABLE
+
+KEY_TABLES: Dict[str, List[Tuple[str, Replacement]]] = {
+    "detrex": DETREX_TABLE,
+    "original": ORIGINAL_DEFORMABLE_TABLE,
+    "original_dino": ORIGINAL_DINO_TABLE,
+}
+
+
+def coco_contiguous_ids() -> List[int]:
+    """The 80 COCO category ids (1..90 with gaps) in detectron2's contiguous order:
+    row ``coco_contiguous_ids()[k]`` of a 91-way head is detectron2 class k."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+
+
+@dataclass
+class ConversionReport:
+    renamed: Dict[str, str] = field(default_factory=dict)  # source key -> target key
+    dropped_aliases: List[str] = field(default_factory=list)
+    unused_source_keys: List[str] = field(default_factory=list)  # no table row matched
+    unmatched_target_keys: List[str] = field(default_factory=list)  # target keys given no value
+    sliced_class_heads: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"converted {len(self.renamed)} tensors, dropped {len(self.dropped_aliases)} aliases"]
+        if self.sliced_class_heads:
+            lines.append(f"sliced 91 -> 80 classes: {', '.join(self.sliced_class_heads)}")
+        for title, keys in (("unused source keys", self.unused_source_keys),
+                            ("target keys without a value", self.unmatched_target_keys)):
+            lines.append(f"{title}: {len(keys)}")
+            lines.extend(f"  {k}" for k in keys)
+        return "\n".join(lines)
+
+
+def _rename(key: str, table, target_keys: Optional[set], num_decoder_layers: int) -> Tuple[bool, Optional[str]]:
+    """(matched, new key or None when dropped)."""
+    for pattern, replacement in table:
+        m = re.match(pattern, key)
+        if m is None:
+            continue
+        if replacement is None:
+            return True, None
+        if callable(replacement):
+            return True, replacement(m)
+        expand = lambda r: m.expand(r).replace("{L}", str(num_decoder_layers))  # noqa: E731
+        if isinstance(replacement, tuple):
+            options = [expand(r) for r in replacement]
+            chosen = [o for o in options if target_keys is None or o in target_keys]
+            return True, (chosen or options)[0]
+        return True, expand(replacement)
+    return False, None
+
+
+def _maybe_slice_classes(key: str, value: torch.Tensor, target_shape, report: ConversionReport) -> torch.Tensor:
+    # heads indexed by COCO category id: 91 rows (ids 0..90), DINO's label_enc 92
+    is_class_head = re.match(r"^(transformer\.class_embed\.\d+\.(weight|bias)|denoising\.label_enc\.weight)$", key)
+    if is_class_head and value.shape[0] in (91, 92) and (target_shape is None or target_shape[0] == 80):
+        report.sliced_class_heads.append(key)
+        return value[coco_contiguous_ids()]
+    return value
+
+
+def convert_detr_state_dict(
+    source: Mapping[str, torch.Tensor],
+    source_format: str,
+    target: Optional[Mapping[str, torch.Tensor]] = None,
+    num_decoder_layers: int = 6,
+) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+    """Rename (and slice) a public DETR ``state_dict`` for ``DeformableDETR``.
+
+    Args:
+        source: the checkpoint's model state_dict (tensors).
+        source_format: "detrex", "original" (Deformable-DETR / H-DETR repos) or
+            "original_dino" (IDEA-Research/DINO), see ``KEY_TABLES``.
+        target: the target model's state_dict; when given, shapes are checked, the
+            unmatched target keys are reported and alternative names are resolved.
+
+    Raises:
+        ValueError: unknown format, two source keys mapped to one target key, or any
+            shape mismatch with ``target`` (all listed).
+    """
+    if source_format not in KEY_TABLES:
+        raise ValueError(f"unknown checkpoint format {source_format!r}; expected one of {sorted(KEY_TABLES)}")
+    table = KEY_TABLES[source_format]
+    target_keys = set(target) if target is not None else None
+    report = ConversionReport()
+    converted: Dict[str, torch.Tensor] = {}
+    mismatches = []
+    for key, value in source.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        matched, new_key = _rename(key, table, target_keys, num_decoder_layers)
+        if not matched:
+            report.unused_source_keys.append(key)
+            continue
+        if new_key is None:
+            report.dropped_aliases.append(key)
+            continue
+        if new_key in converted:
+            raise ValueError(f"checkpoint keys {_source_of(report, new_key)!r} and {key!r} both map to {new_key!r}")
+        target_shape = tuple(target[new_key].shape) if target is not None and new_key in target else None
+        value = _maybe_slice_classes(new_key, value, target_shape, report)
+        if target is not None and new_key not in target:
+            report.unused_source_keys.append(f"{key} (-> {new_key}, not in the model)")
+            continue
+        if target_shape is not None and tuple(value.shape) != target_shape:
+            mismatches.append(f"{key} -> {new_key}: checkpoint {tuple(value.shape)} vs model {target_shape}")
+            continue
+        converted[new_key] = value
+        report.renamed[key] = new_key
+    if mismatches:
+        raise ValueError("shape mismatch between the checkpoint and the model (check the config: "
+                         "NUM_CLASSES, NUM_QUERIES, HIDDEN_DIM, layers, variant options):\n  " + "\n  ".join(mismatches))
+    if target is not None:
+        report.unmatched_target_keys = sorted(k for k in target if k not in converted and not k.endswith("num_batches_tracked"))
+    return converted, report
+
+
+def _source_of(report: ConversionReport, new_key: str) -> str:
+    return next((s for s, t in report.renamed.items() if t == new_key), "?")

@@ -1,0 +1,208 @@
+"""Mask Frozen-DETR: frozen detector, every mask-network option, box pasting, mask-score
+targets, checkpoint errors and DefaultPredictor output, on the tiny config (CPU)."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from conftest import REPO, make_cfg
+from maskfrozen.modeling.mask_frozen.criterion import mask_iou_targets
+from maskfrozen.modeling.mask_frozen.mask_network import MaskPredictions
+from maskfrozen.modeling.mask_frozen.roi_ops import box_points_to_image, roi_align_per_query
+from maskfrozen.modeling.postprocess import instances_to_output_size
+
+TINY = os.path.join(REPO, "configs", "shapes", "mask_frozen_detr", "dino_R18_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(tmp_path_factory):
+    """Two mapped training images of shapes_tiny_train (with GT masks)."""
+    from maskfrozen.engine import Trainer
+
+    cfg = make_cfg(TINY, tmp_path_factory.mktemp("batch"))
+    return next(iter(Trainer.build_train_loader(cfg)))
+
+
+@pytest.fixture(scope="module")
+def detector_checkpoint(tmp_path_factory):
+    """A tiny DINO checkpoint with non-default weights: (path, state_dict)."""
+    from maskfrozen.modeling.mask_frozen.meta_arch import build_frozen_detector
+
+    out = tmp_path_factory.mktemp("detector")
+    torch.manual_seed(1)
+    detector = build_frozen_detector(make_cfg(TINY, out))
+    state = {k: v.clone() for k, v in detector.state_dict().items()}
+    path = os.path.join(out, "detector.pth")
+    torch.save({"model": state}, path)
+    return path, state
+
+
+def test_detector_weights_loaded_and_bit_identical_after_training(tmp_path, detector_checkpoint):
+    from maskfrozen.engine import Trainer
+
+    path, saved = detector_checkpoint
+    cfg = make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", path,
+                   "MODEL.MASK_FROZEN.ALLOW_RANDOM_DETECTOR", "False", "SOLVER.MAX_ITER", "3",
+                   "SOLVER.BASE_LR", "0.01")
+    trainer = Trainer(cfg)
+    model = trainer.model
+    detector_params = {id(p) for p in model.detector.parameters()}
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimized and not optimized & detector_params
+    assert optimized == {id(p) for p in model.mask_network.parameters()}
+    mask_before = copy.deepcopy(model.mask_network.state_dict())
+    model.train()
+    assert not model.detector.training and not any(m.training for m in model.detector.modules())
+    trainer.train()
+    for name, value in model.detector.state_dict().items():
+        assert torch.equal(value, saved[name]), name  # parameters and BN statistics
+    assert all(p.grad is None for p in model.detector.parameters())
+    changed = [k for k, v in model.mask_network.state_dict().items() if not torch.equal(v, mask_before[k])]
+    assert changed
+
+
+OPTIONS = [
+    # (description, overrides, module whose parameters must receive a gradient)
+    ("baseline image masks", ["MODEL.MASK_FROZEN.MASK_REGION", "image", "MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME", "none",
+                              "MODEL.MASK_FROZEN.BOX_ENCODER.NAME", "none", "MODEL.MASK_FROZEN.QUERY_ENCODER.NAME", "none",
+                              "MODEL.MASK_FROZEN.MASK_SCORING.ENABLED", "False", "MODEL.MASK_FROZEN.NECK", "linear"],
+     "neck"),
+    ("deformable encoder", ["MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME", "deformable"], "image_encoder"),
+    ("swin encoder", ["MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME", "swin", "MODEL.MASK_FROZEN.IMAGE_ENCODER.DEPTH", "2"],
+     "image_encoder"),
+    ("convnext encoder", ["MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME", "convnext"], "image_encoder"),
+    ("box transformer", ["MODEL.MASK_FROZEN.BOX_ENCODER.NAME", "transformer"], "box_encoder"),
+    ("query cross", ["MODEL.MASK_FROZEN.QUERY_ENCODER.NAME", "cross"], "query_encoder"),
+    ("query cross+self", ["MODEL.MASK_FROZEN.QUERY_ENCODER.NAME", "cross_self"], "query_encoder"),
+    ("query cross+self+ffn", ["MODEL.MASK_FROZEN.QUERY_ENCODER.NAME", "cross_self_ffn",
+                              "MODEL.MASK_FROZEN.BOX_ENCODER.NAME", "none", "MODEL.MASK_FROZEN.MASK_EMBED_LAYERS", "0"],
+     "query_encoder"),
+    ("image masks + scoring", ["MODEL.MASK_FROZEN.MASK_REGION", "image"], "scoring_head"),
+]
+
+
+@pytest.mark.parametrize("overrides,module", [o[1:] for o in OPTIONS], ids=[o[0] for o in OPTIONS])
+def test_each_option_builds_runs_and_trains_a_step(tmp_path, tiny_batch, overrides, module):
+    torch.manual_seed(0)
+    model = build_model(make_cfg(TINY, tmp_path, *overrides))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    watched = [p for p in getattr(model.mask_network, module).parameters()]
+    assert watched, module
+    before = [p.detach().clone() for p in watched]
+    model.train()
+    losses = model(tiny_batch)
+    assert set(losses) >= {"loss_mask", "loss_dice"} and all(torch.isfinite(v) for v in losses.values())
+    assert ("loss_mask_iou" in losses) == (model.mask_network.scoring_head is not None)
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in watched)
+    opt.step()
+    assert any(not torch.equal(p, b) for p, b in zip(watched, before))
+    model.eval()
+    with torch.no_grad():
+        result = model(tiny_batch[:1])[0]["instances"]
+    h, w = tiny_batch[0]["height"], tiny_batch[0]["width"]
+    assert result.pred_masks.shape[1:] == (h, w) and result.pred_masks.dtype == torch.bool
+    assert len(result) == model.test_topk and (result.scores[:-1] >= result.scores[1:]).all()
+
+
+def test_box_region_masks_paste_at_the_right_place():
+    box = torch.tensor([[8.0, 4.0, 24.0, 20.0]])  # 16 x 16 px in a 32 x 32 input
+
+    def pasted(roi, size):
+        inst = Instances((32, 32), pred_boxes=Boxes(box.clone()), scores=torch.ones(1),
+                         pred_classes=torch.zeros(1, dtype=torch.long), pred_masks=roi)
+        return instances_to_output_size(inst, size, size).pred_masks[0]
+
+    # a 16x16 RoI map (one cell per pixel) whose left half is on: pasted exactly
+    fine = torch.zeros(1, 1, 16, 16)
+    fine[..., :8] = 1.0
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[4:20, 8:16] = True
+    assert torch.equal(pasted(fine, 32), expected)
+    # a 4x4 map, output twice the input size: the box scales to (16, 8, 48, 40); the
+    # left half is on up to x = 32, only the corners are rounded by the bilinear paste
+    roi = torch.zeros(1, 1, 4, 4)
+    roi[..., :2] = 1.0
+    mask = pasted(roi, 64)
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[8:40, 16:32] = True
+    assert not (mask & ~inside).any()
+    assert mask[12:36, 16:32].all() and mask[8:40, 20:28].all()
+    # RoIAlign of a feature map inside the same box reads back the same region
+    features = torch.zeros(1, 1, 8, 8)  # stride 4 over the 32x32 input
+    features[0, 0, 1:5, 2:4] = 1.0  # input pixels x in [8, 16), y in [4, 20)
+    pooled = roi_align_per_query(features, torch.tensor([[[8.0, 4.0, 24.0, 20.0]]]), 4, 0.25)
+    torch.testing.assert_close(pooled[0, 0], roi[0, 0])
+    # and points of the box frame map into the image where the pasted mask puts them
+    pts = box_points_to_image(torch.tensor([[[0.25, 0.5]]]), torch.tensor([[8.0, 4.0, 24.0, 20.0]]), (32, 32))
+    torch.testing.assert_close(pts, torch.tensor([[[12.0 / 32, 12.0 / 32]]]))
+
+
+def test_mask_score_targets_equal_hand_computed_iou():
+    # box mode: left half on inside box (0, 0, 8, 8) of an 8x8 image -> columns 0..3
+    logits = torch.full((1, 1, 4, 4), -5.0)
+    logits[..., :2] = 5.0
+    gt = torch.zeros(1, 8, 8, dtype=torch.bool)
+    gt[:, :4, :] = True  # rows 0..3
+    box = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+    preds = MaskPredictions("box", logits, box, logits.sigmoid())
+    iou = mask_iou_targets(preds, torch.tensor([0]), gt)
+    torch.testing.assert_close(iou, torch.tensor([16.0 / 48.0]))  # 16 px shared, 48 px in the union
+    # same prediction as an image-mode map at stride 4 (2x2 logits over the 8x8 image)
+    image_logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]]])
+    preds = MaskPredictions("image", image_logits, box, logits.sigmoid())
+    torch.testing.assert_close(mask_iou_targets(preds, torch.tensor([0]), gt), torch.tensor([1.0 / 3.0]))
+
+
+def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path, detector_checkpoint):
+    with pytest.raises(ValueError, match="DETECTOR_WEIGHTS is empty"):
+        build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.ALLOW_RANDOM_DETECTOR", "False"))
+    with pytest.raises(FileNotFoundError, match="no_such.pth"):
+        build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", str(tmp_path / "no_such.pth")))
+    _, state = detector_checkpoint
+    bad = dict(state)
+    bad.pop(next(k for k in bad if k.startswith("transformer.")))
+    key = next(k for k in bad if k.endswith("class_embed.0.weight"))
+    bad[key] = torch.zeros(3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": bad}, path)
+    with pytest.raises(ValueError, match=r"1 missing keys .*1 shape mismatches .*class_embed\.0\.weight"):
+        build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", str(path)))
+
+
+def test_default_predictor_returns_masks_at_input_size(tmp_path):
+    from detectron2.engine import DefaultPredictor
+
+    predictor = DefaultPredictor(make_cfg(TINY, tmp_path))
+    image = (np.random.default_rng(0).random((90, 150, 3)) * 255).astype(np.uint8)
+    inst = predictor(image)["instances"]
+    assert len(inst) == 10
+    assert inst.pred_masks.shape == (10, 90, 150) and inst.pred_masks.dtype == torch.bool
+    assert inst.pred_boxes.tensor.shape == (10, 4) and inst.scores.shape == (10,)
+    assert (inst.pred_boxes.tensor[:, 2] <= 150).all() and (inst.pred_boxes.tensor[:, 3] <= 90).all()
+
+
+@pytest.mark.parametrize("name", ["dino_R50_4scale_6ep.yaml", "h_detr_R50_two_stage_6ep.yaml"])
+def test_coco_configs_use_the_code_defaults_and_paper_schedule(tmp_path, name):
+    from detectron2.config import get_cfg
+
+    from maskfrozen.config import add_maskfrozen_config
+
+    cfg = make_cfg(os.path.join(REPO, "configs", "coco", "mask_frozen_detr", name), tmp_path)
+    defaults = get_cfg()
+    add_maskfrozen_config(defaults)
+    shipped = dict(cfg.MODEL.MASK_FROZEN)
+    assert shipped.pop("DETECTOR_WEIGHTS").endswith("model_final.pth")
+    expected = dict(defaults.MODEL.MASK_FROZEN)
+    expected.pop("DETECTOR_WEIGHTS")
+    assert shipped == expected
+    s = cfg.SOLVER
+    assert (s.OPTIMIZER, s.BASE_LR, s.WEIGHT_DECAY, s.IMS_PER_BATCH) == ("ADAMW", 1.5e-4, 5e-5, 8)
+    assert s.STEPS == (int(0.9 * s.MAX_ITER), int(0.95 * s.MAX_ITER)) and s.MAX_ITER == 88500
+    assert "res2" in cfg.MODEL.RESNETS.OUT_FEATURES and cfg.MODEL.MASK_ON and cfg.MODEL.WEIGHTS == ""
