@@ -138,7 +138,10 @@ def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
     cfg = get_cfg()
     add_maskfrozen_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    try:
+        cfg.merge_from_list(list(opts))
+    except AssertionError as e:  # yacs asserts on unknown keys / odd-length overrides
+        raise KeyError(f"command-line config override {list(opts)}: {e}") from e
     if freeze:
         cfg.freeze()
     return cfg

@@ -20,14 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "shapes", "detr", "dino_R18_tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are dispatch-bound: one thread is as fast alone and far faster on a
-    loaded machine (two threads measured 8x slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*opts):
@@ -121,6 +114,7 @@ def test_default_predictor_and_coco_evaluator(tmp_path):
     assert {"pred_boxes", "scores", "pred_classes"} <= set(inst.get_fields())
 
     name = cfg.DATASETS.TEST[0]
-    evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=str(tmp_path))
+    evaluator = Trainer.build_evaluator(cfg, name, str(tmp_path))  # generates the split's files if needed
+    assert isinstance(evaluator, COCOEvaluator)
     results = inference_on_dataset(model, Trainer.build_test_loader(cfg, name), evaluator)
     assert set(results) == {"bbox"} and 0.0 <= results["bbox"]["AP"] <= 100.0

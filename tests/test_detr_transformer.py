@@ -15,14 +15,7 @@ from maskfrozen.modeling.detr import (
 D = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are dispatch-bound: one thread is as fast alone and far faster on a
-    loaded machine (two threads measured 8x slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _targets():
