@@ -44,7 +44,7 @@ def _class_agnostic(targets: Targets) -> List[Dict[str, torch.Tensor]]:
     return [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
 
 
-def _num_boxes(targets: Targets, device) -> float:
+def num_boxes_across_ranks(targets: Targets, device) -> float:
     """Average number of target boxes per worker, at least 1 (DETR's normaliser)."""
     n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
     if comm.get_world_size() > 1:
@@ -144,7 +144,7 @@ class SetCriterion(nn.Module):
         """
         device = outputs["pred_logits"].device
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        num_boxes = _num_boxes(targets, device)
+        num_boxes = num_boxes_across_ranks(targets, device)
         losses = self.deep_supervision_losses(outputs, targets, num_boxes, "")
         if "enc_outputs" in outputs:
             enc_targets = _class_agnostic(targets) if self.enc_class_agnostic else targets

@@ -21,7 +21,7 @@ from torch import nn
 from maskfrozen.modeling.criterion.mask_losses import point_mask_losses
 from maskfrozen.modeling.criterion.matcher import HungarianMatcher
 from maskfrozen.modeling.criterion.point_sampling import point_sample
-from maskfrozen.modeling.criterion.set_criterion import _num_boxes
+from maskfrozen.modeling.criterion.set_criterion import num_boxes_across_ranks
 
 from .mask_network import MaskPredictions
 from .roi_ops import box_points_to_image, mask_iou, paste_roi_masks
@@ -76,7 +76,7 @@ class MaskFrozenCriterion(nn.Module):
                 and ``masks [T, H, W]`` bool over the padded input image.
         """
         flat, gt_masks = self.match(selected, targets)
-        num_masks = _num_boxes(targets, preds.logits.device)
+        num_masks = num_boxes_across_ranks(targets, preds.logits.device)
         gt = gt_masks[:, None].to(preds.logits.dtype)
         image_size = tuple(gt_masks.shape[-2:])
         boxes = preds.boxes[flat]
