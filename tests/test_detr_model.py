@@ -7,13 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-import maskfrozen
+import maskfrozen  # noqa: F401  (registers the models)
+from maskfrozen.config import load_config
 from maskfrozen.engine import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*opts):
-    cfg = get_cfg()
-    maskfrozen.add_maskfrozen_config(cfg)
-    cfg.merge_from_file(TINY)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return load_config(TINY, opts, freeze=False)
 
 
 def _inputs(sizes=((64, 64), (48, 64))):

@@ -17,10 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-import maskfrozen  # noqa: E402
+import maskfrozen  # noqa: E402,F401  (registers the models)
+from maskfrozen.config import load_config  # noqa: E402
 from maskfrozen.checkpoint import KEY_TABLES, convert_detr_state_dict  # noqa: E402
 
 
@@ -56,10 +56,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    maskfrozen.add_maskfrozen_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"
     target = build_model(cfg).state_dict()
 

@@ -18,6 +18,7 @@ from torch import nn
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from maskfrozen.layers.position_encoding import PositionEmbeddingSine
 from maskfrozen.modeling.criterion import HungarianMatcher, SetCriterion
+from maskfrozen.modeling.postprocess import top_query_class_pairs
 
 from .denoising import ContrastiveDenoising, DenoisingQueries
 from .neck import ChannelMapper
@@ -194,14 +195,12 @@ class DeformableDETR(nn.Module):
         scores_all, boxes_all = out.final_scores, out.final_boxes
         results = []
         for scores, boxes, x, (h, w) in zip(scores_all, boxes_all, batched_inputs, image_sizes):
-            num_classes = scores.shape[-1]
-            top = scores.flatten().topk(min(self.test_topk, scores.numel()))
-            query, label = top.indices // num_classes, top.indices % num_classes
+            query, label, score = top_query_class_pairs(scores, self.test_topk)
             xyxy = box_cxcywh_to_xyxy(boxes[query]) * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
             inst = Instances((h, w))
             inst.pred_boxes = Boxes(xyxy)
             inst.pred_boxes.clip((h, w))
-            inst.scores = top.values
+            inst.scores = score
             inst.pred_classes = label
             results.append({"instances": detector_postprocess(inst, x.get("height", h), x.get("width", w))})
         return results
