@@ -3,16 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 
-.PHONY: setup demo demo-mask-frozen test bench clean-output
+.PHONY: setup demo test bench clean-output
 
 setup:
 	@VENV=$(VENV) bash tools/setup_env.sh
 
 demo: setup
 	$(PY) tools/run_demo.py
-
-demo-mask-frozen: setup
-	$(PY) tools/run_mask_frozen_demo.py
 
 test: setup
 	$(PY) -m pytest -q tests

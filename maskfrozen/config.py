@@ -81,6 +81,9 @@ def add_mask_frozen_config(cfg: CN) -> None:
     m.NUM_QUERIES = 100  # top-N detector queries by class score
     m.MASK_REGION = "box"  # "box": RoI masks pasted into the boxes | "image": baseline masks at 1/4
     m.ROI_SIZE = 32
+    # RoIAlign samples per bin side (0 = adaptive ceil(box/S), detectron2's mask-head default, which
+    # makes large boxes expensive on CPU: forward and backward scale with the box area)
+    m.ROI_SAMPLING_RATIO = 2
     m.NECK = "conv_gn"  # on C1: "conv_gn" (pointwise conv + GN, the paper's neck) | "linear" (conv only)
     m.NECK_GN_GROUPS = 32
     m.MASK_EMBED_LAYERS = 3  # MLP q_i -> e_i

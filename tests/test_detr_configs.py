@@ -52,3 +52,33 @@ def test_code_defaults_equal_deformable_detr_yaml():
     add_detr_config(cfg)
     shipped = load(os.path.join(REPO, "configs/coco/deformable_detr/deformable_detr_R50_two_stage_50ep.yaml"))
     assert dict(shipped.MODEL.DETR) == dict(cfg.MODEL.DETR)
+
+
+def test_any_width_resnet_matches_detectron2_and_narrows():
+    """build_resnet_any_width_backbone = detectron2's R18 at width 64 (same parameter
+    names and shapes), and honours a narrower RES2_OUT_CHANNELS (stage widths doubling)."""
+    import torch
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    from maskfrozen.modeling.backbone import build_resnet_any_width_backbone
+
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    ours = build_resnet_any_width_backbone(cfg, ShapeSpec(channels=3))
+    theirs = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 32
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
+    narrow = build_resnet_any_width_backbone(cfg, ShapeSpec(channels=3)).eval()
+    shapes = narrow.output_shape()
+    assert [(shapes[f].channels, shapes[f].stride) for f in ("res3", "res4", "res5")] == [(64, 8), (128, 16), (256, 32)]
+    out = narrow(torch.zeros(1, 3, 64, 96))
+    assert tuple(out["res5"].shape) == (1, 256, 2, 3)
+
+    cfg.MODEL.RESNETS.RES5_DILATION = 2
+    with pytest.raises(ValueError, match="RES5_DILATION"):
+        build_resnet_any_width_backbone(cfg, ShapeSpec(channels=3))

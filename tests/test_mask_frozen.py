@@ -134,10 +134,11 @@ def test_box_region_masks_paste_at_the_right_place():
     inside[8:40, 16:32] = True
     assert not (mask & ~inside).any()
     assert mask[12:36, 16:32].all() and mask[8:40, 20:28].all()
-    # RoIAlign of a feature map inside the same box reads back the same region
+    # RoIAlign of a feature map inside the same box reads back the same region (one sample
+    # per bin = the bin centre = a feature cell centre here, so the read-back is exact)
     features = torch.zeros(1, 1, 8, 8)  # stride 4 over the 32x32 input
     features[0, 0, 1:5, 2:4] = 1.0  # input pixels x in [8, 16), y in [4, 20)
-    pooled = roi_align_per_query(features, torch.tensor([[[8.0, 4.0, 24.0, 20.0]]]), 4, 0.25)
+    pooled = roi_align_per_query(features, torch.tensor([[[8.0, 4.0, 24.0, 20.0]]]), 4, 0.25, sampling_ratio=1)
     torch.testing.assert_close(pooled[0, 0], roi[0, 0])
     # and points of the box frame map into the image where the pasted mask puts them
     pts = box_points_to_image(torch.tensor([[[0.25, 0.5]]]), torch.tensor([[8.0, 4.0, 24.0, 20.0]]), (32, 32))
@@ -174,6 +175,35 @@ def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path, detector_ch
     torch.save({"model": bad}, path)
     with pytest.raises(ValueError, match=r"1 missing keys .*1 shape mismatches .*class_embed\.0\.weight"):
         build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", str(path)))
+
+
+def test_inference_ranks_query_class_pairs_by_class_times_mask_iou(tmp_path):
+    """Inference = top-k (query, class) pairs of the selected queries, score = class
+    probability x predicted mask IoU; a query may come back with a second class."""
+    from detectron2.structures import ImageList
+
+    from maskfrozen.modeling.mask_frozen.meta_arch import SelectedQueries
+
+    model = build_model(make_cfg(TINY, tmp_path, "TEST.DETECTIONS_PER_IMAGE", "3")).eval()
+    probs = torch.full((1, 2, 5), 0.01)
+    probs[0, 0, :2] = torch.tensor([0.9, 0.6])
+    probs[0, 1, 0] = 0.8
+    boxes = torch.tensor([[[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 32.0, 32.0]]])
+    selected = SelectedQueries(index=torch.tensor([[0, 1]]), embeddings=torch.zeros(1, 2, 32),
+                               logits=torch.logit(probs), boxes_normalized=boxes / 32, boxes=boxes,
+                               labels=torch.zeros(1, 2, dtype=torch.long), scores=probs.max(-1).values)
+    mask_logits = torch.full((2, 1, 4, 4), 5.0)
+    preds = MaskPredictions("box", mask_logits, boxes[0], mask_logits.sigmoid(), iou=torch.tensor([0.5, 1.0]))
+    images = ImageList(torch.zeros(1, 3, 32, 32), [(32, 32)])
+    inst = model.inference(preds, selected, [{"height": 32, "width": 32}], images)[0]["instances"]
+    # pairs: (q1, c0) 0.8 x 1.0, (q0, c0) 0.9 x 0.5, (q0, c1) 0.6 x 0.5
+    torch.testing.assert_close(inst.scores, torch.tensor([0.8, 0.45, 0.30]))
+    assert inst.pred_classes.tolist() == [0, 0, 1]
+    torch.testing.assert_close(inst.pred_boxes.tensor, boxes[0][[1, 0, 0]])
+    # the masks are pasted into their own boxes (bilinear paste: corners may round off)
+    for mask, (x0, y0, x1, y1) in zip(inst.pred_masks, inst.pred_boxes.tensor.int().tolist()):
+        inside = mask[y0:y1, x0:x1].sum()
+        assert mask.sum() == inside and inside >= 0.95 * (x1 - x0) * (y1 - y0)
 
 
 def test_default_predictor_returns_masks_at_input_size(tmp_path):

@@ -1,4 +1,4 @@
-"""The Mask Frozen-DETR demo pipeline (tools/run_mask_frozen_demo.py) on the tiny shapes splits: train a tiny
+"""The Mask Frozen-DETR demo pipeline behind `make demo` (tools/run_demo.py) on the tiny shapes splits: train a tiny
 detector, reuse it, train the mask network on it frozen, evaluate and draw overlays."""
 import importlib.util
 import os
@@ -7,7 +7,7 @@ from conftest import REPO
 
 
 def load_run_demo():
-    spec = importlib.util.spec_from_file_location("maskfrozen_run_demo", os.path.join(REPO, "tools", "run_mask_frozen_demo.py"))
+    spec = importlib.util.spec_from_file_location("maskfrozen_run_demo", os.path.join(REPO, "tools", "run_demo.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -63,12 +63,13 @@ class MaskNetwork(nn.Module):
         box_encoder: F_b with ``out_channels`` d_b. query_encoder: queries x RoIs -> queries.
         mask_embed: MLP q_i -> e_i (d_b channels for "box", d for "image").
         scoring_head: :class:`MaskIoUHead` or None.
-        roi_size: S. c1_stride: stride of C1 in input pixels.
+        roi_size: S. c1_stride: stride of C1 in input pixels. roi_sampling_ratio: RoIAlign
+        samples per bin side (0: adaptive).
     """
 
     def __init__(self, *, region: str, neck: nn.Module, image_encoder: nn.Module, box_encoder: nn.Module,
                  query_encoder: nn.Module, mask_embed: nn.Module, scoring_head: Optional[nn.Module], roi_size: int,
-                 c1_stride: int):
+                 c1_stride: int, roi_sampling_ratio: int = 2):
         super().__init__()
         if region not in MASK_REGIONS:
             raise ValueError(f"MODEL.MASK_FROZEN.MASK_REGION={region!r}; expected one of {MASK_REGIONS}")
@@ -81,6 +82,7 @@ class MaskNetwork(nn.Module):
         self.scoring_head = scoring_head
         self.roi_size = roi_size
         self.c1_stride = c1_stride
+        self.roi_sampling_ratio = roi_sampling_ratio
 
     def mask_features(self, c1: torch.Tensor, out: DeformableTransformerOutput) -> torch.Tensor:
         """F = Neck(C1) + interpolate(F_e(E)) at the resolution of C1."""
@@ -94,7 +96,7 @@ class MaskNetwork(nn.Module):
         features = self.mask_features(c1, out)
         scale = 1.0 / self.c1_stride
         mapped = self.box_encoder.map_channels(features)
-        rois = self.box_encoder(roi_align_per_query(mapped, boxes, self.roi_size, scale))
+        rois = self.box_encoder(roi_align_per_query(mapped, boxes, self.roi_size, scale, self.roi_sampling_ratio))
         queries = self.query_encoder(queries, rois)
         embed = self.mask_embed(queries)
         flat_boxes = boxes.flatten(0, 1)
@@ -103,7 +105,8 @@ class MaskNetwork(nn.Module):
             roi_probs = logits.detach().sigmoid()
         else:
             logits = torch.einsum("bnc,bchw->bnhw", embed, features).flatten(0, 1)[:, None]
-            roi_probs = roi_align_per_mask(logits.detach().sigmoid()[:, 0], flat_boxes, self.roi_size, scale)
+            roi_probs = roi_align_per_mask(logits.detach().sigmoid()[:, 0], flat_boxes, self.roi_size, scale,
+                                           self.roi_sampling_ratio)
         iou = self.scoring_head(roi_probs, rois) if self.scoring_head is not None else None
         return MaskPredictions(self.region, logits, flat_boxes, roi_probs, iou)
 

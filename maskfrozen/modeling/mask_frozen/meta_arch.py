@@ -7,7 +7,9 @@ train mode, and it runs under ``no_grad``. Only the :class:`MaskNetwork` trains.
 
 Per image: the top-N queries by class score of the detector's last decoder layer ->
 their embeddings, boxes and classes -> mask network -> masks (and predicted mask IoU).
-Score: ``class score x predicted IoU`` with the mask scoring head, otherwise
+Inference: the top-k (``TEST.DETECTIONS_PER_IMAGE``) (query, class) pairs among the N
+selected queries, as the detector's own inference (a query may be reported with a second
+class), scored ``class score x predicted IoU`` with the mask scoring head, otherwise
 ``class score x mean mask probability inside the mask``.
 """
 import logging
@@ -27,7 +29,8 @@ from torch import nn
 from maskfrozen.engine.freeze import pin_eval_mode
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy
 from maskfrozen.modeling.criterion.matcher import HungarianMatcher
-from maskfrozen.modeling.postprocess import instances_to_output_size, mask_prob_score, top_queries
+from maskfrozen.modeling.postprocess import (instances_to_output_size, mask_prob_score, top_queries,
+                                             top_query_class_pairs)
 
 from .box_encoder import build_box_encoder
 from .criterion import MaskFrozenCriterion
@@ -132,6 +135,7 @@ def build_mask_network(cfg: CfgNode, c1_channels: int, c1_stride: int) -> MaskNe
         if ms.ENABLED else None,
         roi_size=m.ROI_SIZE,
         c1_stride=c1_stride,
+        roi_sampling_ratio=m.ROI_SAMPLING_RATIO,
     )
 
 
@@ -238,12 +242,12 @@ class MaskFrozenDETR(nn.Module):
         results = []
         for b, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
             rows = slice(b * num, (b + 1) * num)
-            scores = selected.scores[b] * self.mask_quality(preds, rows)
-            order = scores.argsort(descending=True)[: self.test_topk]
+            pair_scores = selected.logits[b].sigmoid() * self.mask_quality(preds, rows)[:, None]
+            order, labels, scores = top_query_class_pairs(pair_scores, self.test_topk)
             inst = Instances((h, w))
             inst.pred_boxes = Boxes(selected.boxes[b][order])
-            inst.scores = scores[order]
-            inst.pred_classes = selected.labels[b][order]
+            inst.scores = scores
+            inst.pred_classes = labels
             logits = preds.logits[rows][order]
             if preds.region == "box":
                 inst.pred_masks = logits.sigmoid()  # [n, 1, S, S], pasted into the boxes at the output size

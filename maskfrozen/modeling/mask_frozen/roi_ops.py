@@ -15,20 +15,25 @@ from torchvision.ops import roi_align
 __all__ = ["roi_align_per_query", "roi_align_per_mask", "box_points_to_image", "paste_roi_masks", "mask_iou"]
 
 
-def roi_align_per_query(features: torch.Tensor, boxes: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
+def roi_align_per_query(features: torch.Tensor, boxes: torch.Tensor, output_size: int, spatial_scale: float,
+                        sampling_ratio: int = 2) -> torch.Tensor:
     """RoI features R_i of every query: ``features [B, C, H, W]``, ``boxes [B, N, 4]``
-    XYXY in input pixels -> ``[B * N, C, S, S]`` (image-major)."""
+    XYXY in input pixels -> ``[B * N, C, S, S]`` (image-major). ``sampling_ratio``:
+    bilinear samples per bin side (0: adaptive, as many as the box covers)."""
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
         raise ValueError(f"roi_align_per_query: boxes must be [B={features.shape[0]}, N, 4], got {tuple(boxes.shape)}")
     rois = list(boxes.to(features.dtype).unbind(0))
-    return roi_align(features, rois, (output_size, output_size), spatial_scale, sampling_ratio=0, aligned=True)
+    return roi_align(features, rois, (output_size, output_size), spatial_scale, sampling_ratio=sampling_ratio,
+                     aligned=True)
 
 
-def roi_align_per_mask(maps: torch.Tensor, boxes: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
+def roi_align_per_mask(maps: torch.Tensor, boxes: torch.Tensor, output_size: int, spatial_scale: float,
+                       sampling_ratio: int = 2) -> torch.Tensor:
     """Pool one map per box: ``maps [M, H, W]``, ``boxes [M, 4]`` -> ``[M, 1, S, S]``."""
     index = torch.arange(len(boxes), device=boxes.device, dtype=maps.dtype)[:, None]
     rois = torch.cat([index, boxes.to(maps.dtype)], 1)
-    return roi_align(maps[:, None], rois, (output_size, output_size), spatial_scale, sampling_ratio=0, aligned=True)
+    return roi_align(maps[:, None], rois, (output_size, output_size), spatial_scale, sampling_ratio=sampling_ratio,
+                     aligned=True)
 
 
 def box_points_to_image(coords: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
