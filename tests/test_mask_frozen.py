@@ -190,8 +190,7 @@ def test_inference_ranks_query_class_pairs_by_class_times_mask_iou(tmp_path):
     probs[0, 1, 0] = 0.8
     boxes = torch.tensor([[[0.0, 0.0, 16.0, 16.0], [8.0, 8.0, 32.0, 32.0]]])
     selected = SelectedQueries(index=torch.tensor([[0, 1]]), embeddings=torch.zeros(1, 2, 32),
-                               logits=torch.logit(probs), boxes_normalized=boxes / 32, boxes=boxes,
-                               labels=torch.zeros(1, 2, dtype=torch.long), scores=probs.max(-1).values)
+                               logits=torch.logit(probs), boxes_normalized=boxes / 32, boxes=boxes)
     mask_logits = torch.full((2, 1, 4, 4), 5.0)
     preds = MaskPredictions("box", mask_logits, boxes[0], mask_logits.sigmoid(), iou=torch.tensor([0.5, 1.0]))
     images = ImageList(torch.zeros(1, 3, 32, 32), [(32, 32)])

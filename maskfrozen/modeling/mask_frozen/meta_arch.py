@@ -53,8 +53,6 @@ class SelectedQueries:
     logits: torch.Tensor  # [B, N, K] class logits
     boxes_normalized: torch.Tensor  # [B, N, 4] (cx, cy, w, h) / unpadded image size
     boxes: torch.Tensor  # [B, N, 4] XYXY input pixels, clipped to the image
-    labels: torch.Tensor  # [B, N]
-    scores: torch.Tensor  # [B, N] class score
 
 
 # ----------------------------------------------------------------------------- detector
@@ -201,7 +199,7 @@ class MaskFrozenDETR(nn.Module):
 
     def select_queries(self, out, image_sizes) -> SelectedQueries:
         """Top-N one-to-one queries of the last decoder layer by their best class score."""
-        index, labels, scores = top_queries(out.final_scores, self.num_queries)
+        index, _, _ = top_queries(out.final_scores, self.num_queries)
         gather = lambda x: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         boxes_normalized = gather(out.final_boxes)
         sizes = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes_normalized.dtype,
@@ -209,8 +207,7 @@ class MaskFrozenDETR(nn.Module):
         boxes = box_cxcywh_to_xyxy(boxes_normalized) * sizes[:, None]
         boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None])
         logits = out.pred_logits[-1][:, out.query_groups["one2one"]]
-        return SelectedQueries(index, gather(out.final_queries), gather(logits), boxes_normalized, boxes, labels,
-                               scores)
+        return SelectedQueries(index, gather(out.final_queries), gather(logits), boxes_normalized, boxes)
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
         """The detector's targets (labels, normalised boxes) + GT masks over the padded image."""
