@@ -29,6 +29,12 @@ directory and renamed into place, so an interrupted run never leaves a partial d
 most a stale ``.tmp-*`` directory, safe to delete); concurrent processes (multi-GPU launch)
 each generate and the first rename wins.
 
+Your own COCO-format data: ``DATASETS.COCO_JSON`` entries ``[name, json_file, image_root]`` (or
+tools/train_net.py ``--dataset NAME=JSON:IMAGE_ROOT``) are registered by
+:func:`apply_dataset_config` through :func:`register_coco_instances_validated`, with
+``thing_classes`` from the json's categories; the same function fills or checks the model's
+class count (``NUM_CLASSES_KEYS``) from the training datasets before a model is built.
+
 Detectron2's builtin COCO names (``coco_2017_train``...) are untouched; see datasets/README.md.
 """
 from __future__ import annotations
@@ -43,8 +49,9 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
@@ -60,6 +67,13 @@ __all__ = [
     "ensure_dataset_files",
     "validate_coco_json",
     "register_coco_instances_validated",
+    "NUM_CLASSES_KEYS",
+    "coco_json_metadata",
+    "register_coco_json",
+    "register_coco_json_datasets",
+    "dataset_num_classes",
+    "resolve_num_classes",
+    "apply_dataset_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -322,3 +336,182 @@ def _register_builtin_shapes() -> None:
 
 
 _register_builtin_shapes()
+
+
+# ----------------------------------------------------------------------------- your own COCO json
+COCO_JSON_KEY = "DATASETS.COCO_JSON"
+
+# The class-count config keys of the models (thing classes). A new model adds its key; keys
+# absent from the config are skipped. Every present key is filled / checked, also those of
+# models not selected by MODEL.META_ARCHITECTURE (harmless: they are unused there).
+NUM_CLASSES_KEYS = (
+    "MODEL.DETR.NUM_CLASSES",  # DETR family, Mask Frozen-DETR
+    "MODEL.ROI_HEADS.NUM_CLASSES",  # detectron2's R-CNNs (Mask R-CNN)
+    "MODEL.RETINANET.NUM_CLASSES",  # detectron2's RetinaNet
+)
+
+
+def coco_json_metadata(json_file: str) -> dict:
+    """``thing_classes`` and ``thing_dataset_id_to_contiguous_id`` of a COCO json, exactly as
+    detectron2's ``load_coco_json`` derives them (categories sorted by id, ids made contiguous)."""
+    with open(json_file) as f:
+        categories = json.load(f).get("categories")
+    if not isinstance(categories, list) or not categories:
+        raise ValueError(f"{json_file}: 'categories' is missing or empty; the class names and count come from it")
+    bad = [c for c in categories if not isinstance(c, dict) or not isinstance(c.get("id"), int)
+           or isinstance(c.get("id"), bool) or not isinstance(c.get("name"), str)]
+    if bad:
+        raise ValueError(f"{json_file}: {len(bad)} categor(y/ies) without an integer 'id' and a string 'name', "
+                         f"e.g. {str(bad[0])[:120]}")
+    ids = [c["id"] for c in categories]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{json_file}: duplicate category ids {duplicates}")
+    ordered = sorted(categories, key=lambda c: c["id"])
+    return {
+        "thing_classes": [c["name"] for c in ordered],
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(ordered)},
+    }
+
+
+def register_coco_json(name: str, json_file: str, image_root: str, source: str = COCO_JSON_KEY) -> None:
+    """Register ``name`` through :func:`register_coco_instances_validated` with the json's classes.
+
+    Idempotent for the same files; ``source`` (the config key or flag the entry came from) is
+    named in the errors: FileNotFoundError for a missing json or image directory, ValueError for
+    a name already registered with other files."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"{source}: annotation json {json_file!r} of dataset {name!r} does not exist "
+                                f"(relative paths are read from {os.getcwd()})")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{source}: image directory {image_root!r} of dataset {name!r} does not exist "
+                                f"(relative paths are read from {os.getcwd()})")
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
+            return
+        raise ValueError(f"{source}: dataset name {name!r} is already registered with json_file "
+                         f"{meta.get('json_file')!r}; choose another name for {json_file}")
+    register_coco_instances_validated(name, coco_json_metadata(json_file), json_file, image_root)
+
+
+def register_coco_json_datasets(cfg: CfgNode) -> List[str]:
+    """Register every ``[name, json_file, image_root]`` entry of ``DATASETS.COCO_JSON``; return the names."""
+    names = []
+    for index, entry in enumerate(cfg.DATASETS.get("COCO_JSON", [])):
+        source = f"{COCO_JSON_KEY}[{index}]"
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(x, str) and x for x in entry)):
+            raise ValueError(f"{source} = {entry!r}: expected [name, json_file, image_root], three non-empty strings")
+        register_coco_json(*entry, source=source)
+        names.append(entry[0])
+    return names
+
+
+def _num_classes_of(name: str) -> Optional[int]:
+    """Class count of a registered dataset from its metadata (or its json's categories); None if unknown."""
+    if name not in DatasetCatalog.list():
+        if not SHAPES_NAME_PATTERN.match(name):
+            return None  # the loader names an unknown dataset later
+        register_shapes_from_name(name)
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes") is not None:
+        return len(meta.thing_classes)
+    json_file = meta.get("json_file")
+    if json_file and os.path.isfile(json_file):
+        return len(coco_json_metadata(json_file)["thing_classes"])
+    return None
+
+
+def dataset_num_classes(names: Sequence[str]) -> Optional[Tuple[int, str]]:
+    """``(count, first dataset name)`` for datasets ``names``; None when no count is known.
+    Raises ValueError naming each dataset's count when they disagree."""
+    counts = {name: _num_classes_of(name) for name in names}
+    counts = {name: n for name, n in counts.items() if n is not None}
+    if not counts:
+        return None
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"the datasets {list(counts)} have different numbers of classes {counts}; "
+                         "a model is trained on one class list")
+    name = next(iter(counts))
+    return counts[name], name
+
+
+@functools.lru_cache(maxsize=None)
+def _code_default(key: str) -> Any:
+    """The value of ``key`` in a config of detectron2's and maskfrozen's defaults (no yaml)."""
+    from detectron2.config import get_cfg
+
+    from ..config import add_maskfrozen_config
+
+    cfg = get_cfg()
+    add_maskfrozen_config(cfg)
+    return _cfg_get(cfg, key)
+
+
+def _cfg_get(cfg: CfgNode, key: str) -> Any:
+    """``cfg``'s value at the dotted ``key``; None when the config has no such key."""
+    node = cfg
+    for part in key.split("."):
+        if not hasattr(node, "get") or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def _num_classes_update(cfg: CfgNode, key: str, count: int, dataset: str) -> Optional[int]:
+    """The value ``key`` must take for ``count`` classes (None: keep it); raise when too small."""
+    value = _cfg_get(cfg, key)
+    if value is None or value == count:
+        return None
+    if cfg.MODEL.get("NUM_CLASSES_FROM_DATASET", False) or value == _code_default(key):
+        return count
+    if value < count:
+        raise ValueError(
+            f"{key} is {value} but dataset {dataset!r} has {count} classes: the model cannot predict "
+            f"{count - value} of them. Set {key} {count}, or MODEL.NUM_CLASSES_FROM_DATASET True to take "
+            f"it from the data"
+        )
+    _warn_once(f"{key} is {value} but dataset {dataset!r} has {count} classes: "
+               f"{value - count} class outputs will never be trained")
+    return None
+
+
+def resolve_num_classes(cfg: CfgNode) -> CfgNode:
+    """``cfg`` with the model's class-count keys (``NUM_CLASSES_KEYS``) checked against the
+    training datasets (``DATASETS.TRAIN``, else ``DATASETS.TEST``) and filled from them where
+    the config left the code default or ``MODEL.NUM_CLASSES_FROM_DATASET`` is True.
+
+    Returns ``cfg`` itself when nothing changes, otherwise a clone (frozen if ``cfg`` was).
+    Raises ValueError naming the key and both numbers when a set count is below the data's."""
+    found = dataset_num_classes(cfg.DATASETS.TRAIN or cfg.DATASETS.TEST)
+    if found is None:
+        return cfg
+    updates = []
+    for key in NUM_CLASSES_KEYS:
+        value = _num_classes_update(cfg, key, *found)
+        if value is not None:
+            updates += [key, value]
+    if not updates:
+        return cfg
+    changes = ", ".join(f"{key} {_cfg_get(cfg, key)} -> {value}" for key, value in zip(updates[0::2], updates[1::2]))
+    logger.info(f"{found[0]} classes in {found[1]!r}: {changes}")
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.merge_from_list(updates)
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def apply_dataset_config(cfg: CfgNode) -> CfgNode:
+    """Register ``DATASETS.COCO_JSON`` and return ``cfg`` with class counts resolved
+    (:func:`resolve_num_classes`); called before a model is built."""
+    register_coco_json_datasets(cfg)
+    return resolve_num_classes(cfg)

@@ -7,7 +7,10 @@ Differences from DefaultTrainer, each driven by config:
 - parameters matching ``MODEL.FREEZE_PATTERNS`` are frozen;
 - AMP is used only where CUDA exists (``SOLVER.AMP.ENABLED`` is ignored on CPU, with a
   warning), and DDP also runs on CPU processes (gloo);
-- checkpoints are written atomically (``AtomicCheckpointer``).
+- checkpoints are written atomically (``AtomicCheckpointer``), and ``MODEL.WEIGHTS`` must fit
+  the model unless ``MODEL.WEIGHTS_ALLOW_PARTIAL`` (``weights.CheckedCheckpointer``);
+- ``DATASETS.COCO_JSON`` datasets are registered and the model's class count is filled from /
+  checked against the training data before the model is built (``apply_dataset_config``).
 """
 import logging
 import weakref
@@ -20,12 +23,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.datasets import ensure_dataset_files
+from ..data.datasets import apply_dataset_config, ensure_dataset_files
 from ..data.mappers import build_mapper
 from ..evaluation.build import build_evaluator
-from .checkpointer import AtomicCheckpointer
 from .freeze import freeze_by_patterns
 from .optimizer import build_optimizer
+from .weights import CheckedCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        cfg = apply_dataset_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -64,7 +68,9 @@ class Trainer(DefaultTrainer):
         loop = AMPTrainer if amp_enabled(cfg) else SimpleTrainer
         self._trainer = loop(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = CheckedCheckpointer(
+            model, cfg.OUTPUT_DIR, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -72,7 +78,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
-        model = super().build_model(cfg)
+        """The model of ``cfg`` after :func:`apply_dataset_config` (class count from the data)."""
+        model = super().build_model(apply_dataset_config(cfg))
         freeze_by_patterns(model, cfg.MODEL.FREEZE_PATTERNS)
         return model
 
