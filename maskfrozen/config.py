@@ -11,16 +11,16 @@ def add_engine_config(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # [(substring of a parameter name, lr multiplier)], applied after the backbone multiplier
     cfg.SOLVER.LR_MULTIPLIERS = []
-    # "full_model" clips the norm over all parameters at once; the detectron2 types
-    # ("value", "norm") clip each parameter on its own
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model" (set in our yaml files): the
+    # norm over all parameters at once; detectron2's types ("value", "norm") clip each
+    # parameter on its own. Detectron2's default ("value") is left unchanged.
     # regexes (re.search) of parameter names to freeze: requires_grad=False, kept out of the
     # optimizer; modules whose every parameter is frozen also stay in eval mode
     cfg.MODEL.FREEZE_PATTERNS = []
 
 
 def add_detr_config(cfg: CN) -> None:
-    """DETR family (``DeformableDETR`` meta-arch). Defaults = Deformable-DETR two-stage
+    """DETR family (``DeformableDETRFamily`` meta-arch). Defaults = Deformable-DETR two-stage
     + box refine (R50, COCO); DINO and H-DETR set their options in their yaml files."""
     cfg.MODEL.DETR = CN()
     d = cfg.MODEL.DETR
@@ -65,7 +65,7 @@ def add_detr_config(cfg: CN) -> None:
     d.K_ONE2MANY = 6
     d.LAMBDA_ONE2MANY = 1.0
     d.SIZE_DIVISIBILITY = 32
-    d.TEST_TOPK = 100
+    # detections per image at inference: detectron2's TEST.DETECTIONS_PER_IMAGE (all models)
 
 
 def add_mask_frozen_config(cfg: CN) -> None:
@@ -74,7 +74,7 @@ def add_mask_frozen_config(cfg: CN) -> None:
     detector itself is configured by the usual sections (``MODEL.DETR``, backbone)."""
     cfg.MODEL.MASK_FROZEN = CN()
     m = cfg.MODEL.MASK_FROZEN
-    m.DETECTOR_META_ARCHITECTURE = "DeformableDETR"
+    m.DETECTOR_META_ARCHITECTURE = "DeformableDETRFamily"
     m.DETECTOR_WEIGHTS = ""  # required: checkpoint of the trained detector
     m.ALLOW_RANDOM_DETECTOR = False  # tests only: run without DETECTOR_WEIGHTS
     m.C1_FEATURE = "res2"  # backbone stage-1 (stride 4) feature; must be in the backbone outputs
@@ -124,13 +124,14 @@ def add_mask_frozen_config(cfg: CN) -> None:
 
 
 def add_maskfrozen_config(cfg: CN) -> None:
-    """Add every maskfrozen config key (idempotent)."""
-    if getattr(cfg, "_maskfrozen_keys_added", False):
+    """Add every maskfrozen config key (idempotent: a config that already has them is
+    left as it is; no marker key is stored)."""
+    if "DETR" in cfg.MODEL and "MASK_FROZEN" in cfg.MODEL:
         return
     add_engine_config(cfg)
     add_detr_config(cfg)
     add_mask_frozen_config(cfg)
-    cfg._maskfrozen_keys_added = True
+    add_data_and_weights_config(cfg)
 
 
 def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
@@ -148,3 +149,18 @@ def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def add_data_and_weights_config(cfg: CN) -> None:
+    """Your own COCO-format datasets, class counts taken from the data, strict MODEL.WEIGHTS
+    (``maskfrozen.data.datasets.apply_dataset_config``, ``maskfrozen.engine.weights``)."""
+    # [[name, json_file, image_root], ...]: registered (validated when loaded) before the model
+    # is built, with thing_classes from the json's categories; use the names in DATASETS.TRAIN/TEST
+    cfg.DATASETS.COCO_JSON = []
+    # class-count keys (MODEL.DETR / ROI_HEADS / RETINANET.NUM_CLASSES) of the model are set to the
+    # training datasets' class count: False = only where the config left the code default (80);
+    # True = always (train_net's --dataset turns it on unless the command line sets a count)
+    cfg.MODEL.NUM_CLASSES_FROM_DATASET = False
+    # False: MODEL.WEIGHTS must fit the model exactly (missing / unexpected keys or shape mismatches
+    # are an error); True: load what fits, e.g. fine-tuning from a backbone-only (.pkl) checkpoint
+    cfg.MODEL.WEIGHTS_ALLOW_PARTIAL = False

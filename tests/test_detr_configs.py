@@ -30,7 +30,7 @@ def test_config_builds_model(path):
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
                          "MODEL.DETR.ENC_LAYERS", 1, "MODEL.DETR.DEC_LAYERS", 2])
     model = build_model(cfg)
-    assert type(model).__name__ == "DeformableDETR"
+    assert type(model).__name__ == "DeformableDETRFamily"
     assert model.transformer.num_queries == cfg.MODEL.DETR.NUM_QUERIES
 
 

@@ -86,7 +86,7 @@ def test_tiny_dino_overfits_two_images():
 
 
 def test_inference_topk_and_rescaling():
-    model = build_model(tiny_cfg("MODEL.DETR.TEST_TOPK", "7")).eval()
+    model = build_model(tiny_cfg("TEST.DETECTIONS_PER_IMAGE", "7")).eval()
     inputs = _inputs(((64, 48),))
     inputs[0].update(height=128, width=96)  # original image twice the network input
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_default_predictor_and_coco_evaluator(tmp_path):
     predictor.model.load_state_dict(model.state_dict())
     image = np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8)
     inst = predictor(image)["instances"]
-    assert inst.image_size == (100, 140) and len(inst) == cfg.MODEL.DETR.TEST_TOPK
+    assert inst.image_size == (100, 140) and len(inst) == cfg.TEST.DETECTIONS_PER_IMAGE
     assert {"pred_boxes", "scores", "pred_classes"} <= set(inst.get_fields())
 
     name = cfg.DATASETS.TEST[0]

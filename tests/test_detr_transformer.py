@@ -134,3 +134,48 @@ def test_dn_queries_do_not_change_matching_outputs():
     sl = with_dn.query_groups["one2one"]
     assert with_dn.query_groups["dn"] == slice(0, dn.num_queries)
     assert torch.allclose(with_dn.pred_boxes[:, :, sl], without.pred_boxes, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", [DINO, dict(two_stage=False)], ids=["dino", "deformable_detr"])
+def test_encode_select_decode_stages_equal_the_one_call_output(variant):
+    """The stages called one after the other give the one-call output bit for bit
+    (denoising queries included for DINO)."""
+    torch.manual_seed(0)
+    t = _transformer(**variant).train()
+    srcs = [torch.randn(2, D, s, s) for s in (8, 4, 2)]
+    masks = [torch.zeros(2, s, s, dtype=torch.bool) for s in (8, 4, 2)]
+    pos = [PositionEmbeddingSine(D // 2)(m) for m in masks]
+    dn = ContrastiveDenoising(3, D, num_dn=6)(_targets()) if variant is DINO else None
+    one_call = t(srcs, masks, pos, dn)
+    encoded = t.encode(srcs, masks, pos)
+    queries = t.select(encoded, dn)
+    decoded = t.decode(encoded, queries)
+    assert torch.equal(encoded.memory, one_call.memory)
+    for name in ("hidden_states", "pred_logits", "pred_boxes"):
+        assert torch.equal(getattr(decoded, name), getattr(one_call, name)), name
+    assert queries.query_groups == one_call.query_groups
+    if variant is DINO:
+        assert torch.equal(queries.enc_logits, one_call.enc_logits)
+        assert one_call.query_groups["dn"] == slice(0, dn.num_queries)
+
+
+def test_two_stage_selection_pads_when_fewer_tokens_than_queries():
+    """4x4 + 2x2 + 1x1 = 21 tokens for 30 queries: every token is selected once, the 9
+    padded queries are masked out of self-attention (the real queries' outputs do not
+    depend on them) and score 0 at inference."""
+    torch.manual_seed(0)
+    t = _transformer(**DINO, num_queries=30).double().eval()
+    srcs = [torch.randn(1, D, s, s, dtype=torch.float64) for s in (4, 2, 1)]
+    masks = [torch.zeros(1, s, s, dtype=torch.bool) for s in (4, 2, 1)]
+    pos = [PositionEmbeddingSine(D // 2)(m).double() for m in masks]
+    out = t(srcs, masks, pos)
+    assert out.pred_logits.shape == (2, 1, 30, 3) and torch.isfinite(out.pred_boxes).all()
+    assert out.query_padding[0].tolist() == [False] * 21 + [True] * 9
+    assert (out.final_scores[0, 21:] == 0).all() and (out.final_scores[0, :21] > 0).all()
+    # the real queries' outputs equal those of a transformer asked for exactly 21 queries
+    t21 = _transformer(**DINO, num_queries=21).double().eval()
+    state = {k: (v[:21] if k == "tgt_embed.weight" else v) for k, v in t.state_dict().items()}
+    t21.load_state_dict(state)
+    ref = t21(srcs, masks, pos)
+    assert torch.allclose(out.pred_boxes[:, :, :21], ref.pred_boxes, atol=1e-12)
+    assert torch.allclose(out.pred_logits[:, :, :21], ref.pred_logits, atol=1e-12)

@@ -63,7 +63,7 @@ def test_full_model_clipping_clips_the_global_norm():
     model = nn.Module()
     model.a, model.b = a, b
     cfg = solver_cfg(**{"SOLVER.CLIP_GRADIENTS.ENABLED": True, "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 1.0,
-                        "SOLVER.WEIGHT_DECAY": 0.0})
+                        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model", "SOLVER.WEIGHT_DECAY": 0.0})
     optimizer = build_optimizer(cfg, model)
     a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])  # global norm 5 -> scaled by 1/5
     optimizer.step()
@@ -114,3 +114,19 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert (tmp_path / "model_0000001.pth").read_bytes() == before
+
+
+def test_maskfrozen_keys_leave_detectron2_defaults_and_no_marker():
+    """Adding our keys changes no detectron2 default (CLIP_TYPE stays "value"; our yaml
+    files set "full_model") and leaves no marker key in a dumped config; adding twice is
+    harmless."""
+    from detectron2.config import get_cfg
+
+    from maskfrozen.config import add_maskfrozen_config
+
+    cfg = get_cfg()
+    add_maskfrozen_config(cfg)
+    add_maskfrozen_config(cfg)
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == get_cfg().SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "value"
+    dumped = cfg.dump()
+    assert "_maskfrozen" not in dumped and "TEST_TOPK" not in dumped

@@ -10,9 +10,11 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from conftest import REPO, make_cfg
-from maskfrozen.modeling.mask_frozen.criterion import mask_iou_targets
+from maskfrozen.modeling.criterion.point_sampling import box_points_to_image
+from maskfrozen.modeling.mask_frozen.criterion import MaskIoULoss
 from maskfrozen.modeling.mask_frozen.mask_network import MaskPredictions
-from maskfrozen.modeling.mask_frozen.roi_ops import box_points_to_image, roi_align_per_query
+from maskfrozen.modeling.mask_frozen.mask_region import BoxMaskRegion, ImageMaskRegion
+from maskfrozen.modeling.mask_frozen.roi_ops import roi_align_per_query
 from maskfrozen.modeling.postprocess import instances_to_output_size
 
 TINY = os.path.join(REPO, "configs", "shapes", "mask_frozen_detr", "dino_R18_tiny.yaml")
@@ -152,13 +154,20 @@ def test_mask_score_targets_equal_hand_computed_iou():
     gt = torch.zeros(1, 8, 8, dtype=torch.bool)
     gt[:, :4, :] = True  # rows 0..3
     box = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
-    preds = MaskPredictions("box", logits, box, logits.sigmoid())
-    iou = mask_iou_targets(preds, torch.tensor([0]), gt)
+    first = (torch.tensor([0]), torch.tensor([0]))
+    box_loss = MaskIoULoss(BoxMaskRegion(roi_size=4, c1_stride=4))
+    outputs = BoxMaskRegion(roi_size=4, c1_stride=4).criterion_outputs(logits, box, 1)
+    iou = box_loss.targets(outputs, gt, *first)
     torch.testing.assert_close(iou, torch.tensor([16.0 / 48.0]))  # 16 px shared, 48 px in the union
     # same prediction as an image-mode map at stride 4 (2x2 logits over the 8x8 image)
     image_logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]]])
-    preds = MaskPredictions("image", image_logits, box, logits.sigmoid())
-    torch.testing.assert_close(mask_iou_targets(preds, torch.tensor([0]), gt), torch.tensor([1.0 / 3.0]))
+    region = ImageMaskRegion(roi_size=4, c1_stride=4)
+    iou = MaskIoULoss(region).targets(region.criterion_outputs(image_logits, box, 1), gt, *first)
+    torch.testing.assert_close(iou, torch.tensor([1.0 / 3.0]))
+    # the loss term: squared error to that target / number of masks
+    outputs["pred_mask_iou"] = torch.tensor([[0.5]])
+    loss = box_loss(outputs, [{"masks": gt}], [first[1:] + first[1:]], 2.0)["loss_mask_iou"]
+    torch.testing.assert_close(loss, torch.tensor((0.5 - 16.0 / 48.0) ** 2 / 2.0))
 
 
 def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path, detector_checkpoint):
@@ -192,7 +201,7 @@ def test_inference_ranks_query_class_pairs_by_class_times_mask_iou(tmp_path):
     selected = SelectedQueries(index=torch.tensor([[0, 1]]), embeddings=torch.zeros(1, 2, 32),
                                logits=torch.logit(probs), boxes_normalized=boxes / 32, boxes=boxes)
     mask_logits = torch.full((2, 1, 4, 4), 5.0)
-    preds = MaskPredictions("box", mask_logits, boxes[0], mask_logits.sigmoid(), iou=torch.tensor([0.5, 1.0]))
+    preds = MaskPredictions(mask_logits, boxes[0], iou=torch.tensor([0.5, 1.0]))
     images = ImageList(torch.zeros(1, 3, 32, 32), [(32, 32)])
     inst = model.inference(preds, selected, [{"height": 32, "width": 32}], images)[0]["instances"]
     # pairs: (q1, c0) 0.8 x 1.0, (q0, c0) 0.9 x 0.5, (q0, c1) 0.6 x 0.5
@@ -235,3 +244,42 @@ def test_coco_configs_use_the_code_defaults_and_paper_schedule(tmp_path, name):
     assert (s.OPTIMIZER, s.BASE_LR, s.WEIGHT_DECAY, s.IMS_PER_BATCH) == ("ADAMW", 1.5e-4, 5e-5, 8)
     assert s.STEPS == (int(0.9 * s.MAX_ITER), int(0.95 * s.MAX_ITER)) and s.MAX_ITER == 88500
     assert "res2" in cfg.MODEL.RESNETS.OUT_FEATURES and cfg.MODEL.MASK_ON and cfg.MODEL.WEIGHTS == ""
+
+
+@pytest.mark.parametrize("name", ["dino_R50_4scale_6ep.yaml", "h_detr_R50_two_stage_6ep.yaml"])
+def test_coco_configs_build_and_predict_a_small_image(tmp_path, name, one_thread):
+    """The COCO configs (R50, 900 / 300 queries) build and predict; at 128 x 160 the
+    encoder has 426 tokens, fewer than the queries: selection pads instead of failing."""
+    cfg = make_cfg(os.path.join(REPO, "configs", "coco", "mask_frozen_detr", name), tmp_path,
+                   "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", "", "MODEL.MASK_FROZEN.ALLOW_RANDOM_DETECTOR", "True",
+                   "MODEL.DEVICE", "cpu")
+    model = build_model(cfg).eval()
+    assert type(model.detector).__name__ == "DeformableDETRFamily" and model.detector.hidden_dim == 256
+    image = torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)
+    with torch.no_grad():
+        inst = model([{"image": image, "height": 128, "width": 160}])[0]["instances"]
+    assert inst.pred_masks.shape[1:] == (128, 160) and len(inst) == 100
+    assert torch.isfinite(inst.scores).all() and (inst.scores >= 0).all()
+
+
+def test_polygon_gt_masks_are_rasterised_into_the_padded_targets(tmp_path):
+    """COCO configs read polygons (INPUT.MASK_FORMAT polygon): the targets are the
+    rasterised polygons, padded to the batch's padded size."""
+    from detectron2.structures import PolygonMasks
+
+    model = build_model(make_cfg(TINY, tmp_path))
+    inst = Instances((30, 40))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 20.0, 16.0]]))
+    inst.gt_classes = torch.tensor([2])
+    inst.gt_masks = PolygonMasks([[[4.0, 6.0, 20.0, 6.0, 20.0, 16.0, 4.0, 16.0]]])
+    inputs = [{"image": torch.zeros(3, 30, 40, dtype=torch.uint8), "instances": inst}]
+    images = model.detector.preprocess_image(inputs)
+    (target,) = model.prepare_targets(inputs, images)
+    assert target["masks"].shape == (1, *images.tensor.shape[-2:]) and target["masks"].dtype == torch.bool
+    expected = torch.zeros(images.tensor.shape[-2:], dtype=torch.bool)
+    expected[6:16, 4:20] = True
+    assert torch.equal(target["masks"][0], expected)
+    assert target["labels"].tolist() == [2]
+    inst.remove("gt_masks")
+    with pytest.raises(KeyError, match="no 'segmentation'"):
+        model.prepare_targets(inputs, images)

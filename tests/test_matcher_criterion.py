@@ -7,13 +7,17 @@ import torch
 
 from maskfrozen.modeling.criterion import (
     HungarianMatcher,
+    QuerySet,
     SetCriterion,
+    class_agnostic_targets,
+    point_mask_costs,
     box_losses,
     class_cost_focal,
     class_loss_focal,
     class_loss_softmax,
     repeat_targets,
 )
+from maskfrozen.modeling.criterion.mask_losses import dice_cost, sigmoid_bce_cost
 
 
 def _box(cx, cy=0.5, w=0.1, h=0.1):
@@ -60,7 +64,7 @@ def test_matcher_equals_brute_force_with_all_costs():
 
 def test_matcher_rejects_nan_and_unknown_cost():
     with pytest.raises(ValueError, match="no cost function"):
-        HungarianMatcher({"mask": 1.0})
+        HungarianMatcher({"location": 1.0})
     outputs = {"pred_logits": torch.full((1, 2, 2), float("nan")), "pred_boxes": torch.rand(1, 2, 4)}
     targets = [{"labels": torch.tensor([0]), "boxes": torch.rand(1, 4)}]
     with pytest.raises(FloatingPointError, match="non-finite"):
@@ -125,38 +129,121 @@ def _query_set(b, q, k, seed):
 
 
 def test_criterion_keys_weights_and_sets():
+    """The DETR entries (main + aux, encoder, denoising, one-to-many) through one criterion."""
     matcher = HungarianMatcher({"class": 2.0, "bbox": 5.0, "giou": 2.0})
     weights = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-    crit = SetCriterion(matcher, weights, one2many_repeats=2, one2many_weight=0.5, enc_class_agnostic=True)
+    crit = SetCriterion(matcher, weights, losses=["labels", "boxes"])
     targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([_box(0.3), _box(0.6)])}]
     main = _query_set(1, 4, 3, 0)
     main["aux_outputs"] = [_query_set(1, 4, 3, 1)]
-    dn = _query_set(1, 4, 3, 2)
-    dn.update(indices=[(torch.tensor([0, 1]), torch.tensor([0, 1]))], num_groups=1)
-    o2m = _query_set(1, 6, 3, 3)
-    enc = _query_set(1, 4, 3, 4)
-    outputs = {**main, "dn_outputs": dn, "one2many_outputs": o2m, "enc_outputs": enc}
-    losses = crit(outputs, targets)
+    dn, o2m, enc = _query_set(1, 4, 3, 2), _query_set(1, 6, 3, 3), _query_set(1, 4, 3, 4)
+    dn_indices = [(torch.tensor([0, 1]), torch.tensor([0, 1]))]
+    rep = repeat_targets(targets, 2)
+    agn = class_agnostic_targets(targets)
+    losses = crit([QuerySet(main), QuerySet(enc, "_enc", agn), QuerySet(dn, "_dn", indices=dn_indices),
+                   QuerySet(o2m, "_one2many", rep, weight=0.5, normalizer=2)], targets)
     expected = {f"loss_{t}{s}" for t in ("class", "bbox", "giou")
                 for s in ("", "_aux0", "_enc", "_dn", "_one2many")}
     assert set(losses) == expected
 
     # main set: weight x unweighted term at the Hungarian matching
-    idx = matcher(main, targets)
-    raw = crit.set_losses(main, targets, idx, 2.0)
+    raw = crit.layer_losses(main, targets, matcher(main, targets), 2.0)
     assert torch.isclose(losses["loss_bbox"], 5.0 * raw["loss_bbox"])
     # denoising uses its fixed matching, not Hungarian
-    raw_dn = crit.set_losses(dn, targets, dn["indices"], 2.0)
+    raw_dn = crit.layer_losses(dn, targets, dn_indices, 2.0)
     assert torch.isclose(losses["loss_giou_dn"], 2.0 * raw_dn["loss_giou"])
     # one-to-many: repeated targets, num_boxes x k, extra weight lambda
-    rep = repeat_targets(targets, 2)
-    raw_o2m = crit.set_losses(o2m, rep, matcher(o2m, rep), 4.0)
+    raw_o2m = crit.layer_losses(o2m, rep, matcher(o2m, rep), 4.0)
     assert torch.isclose(losses["loss_class_one2many"], 0.5 * raw_o2m["loss_class"])
     assert sum(len(i) for i, _ in matcher(o2m, rep)) == 4
     # encoder proposals: class-agnostic labels
-    agn = [{**targets[0], "labels": torch.zeros(2, dtype=torch.int64)}]
-    raw_enc = crit.set_losses(enc, agn, matcher(enc, agn), 2.0)
+    assert agn[0]["labels"].tolist() == [0, 0]
+    raw_enc = crit.layer_losses(enc, agn, matcher(enc, agn), 2.0)
     assert torch.isclose(losses["loss_class_enc"], raw_enc["loss_class"])
+    with pytest.raises(ValueError, match="distinct suffixes"):
+        crit([QuerySet(main), QuerySet(enc)], targets)
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        SetCriterion(matcher, weights, losses=["labels", "location"])
+
+
+def _mask_query_set(b, q, k, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"pred_logits": torch.randn(b, q, k + 1, generator=g), "pred_masks": torch.randn(b, q, size, size, generator=g)}
+
+
+def _mask_targets(size):
+    masks = torch.zeros(2, size, size, dtype=torch.bool)
+    masks[0, 2:6, 1:5] = True
+    masks[1, 8:14, 6:15] = True
+    return [{"labels": torch.tensor([0, 2]), "masks": masks}]
+
+
+def test_mask_only_set_softmax_labels_and_point_sampled_masks():
+    """A set without boxes (Mask2Former-like): softmax class loss + point-sampled mask
+    terms; with as many points as pixels at their centres, BCE and dice equal the dense
+    losses over every pixel."""
+    size = 16
+    matcher = HungarianMatcher({"class": 2.0, "mask": 5.0, "dice": 5.0}, class_cost="softmax", num_mask_points=50)
+    crit = SetCriterion(matcher, {"loss_class": 2.0, "loss_mask": 5.0, "loss_dice": 5.0},
+                        losses=["labels", "masks"], class_loss="softmax", num_points=size * size,
+                        importance_sample_ratio=0.0)
+    outputs, targets = _mask_query_set(1, 5, 3, size, 0), _mask_targets(size)
+    indices = [(torch.tensor([1, 3]), torch.tensor([1, 0]))]
+    losses = crit([QuerySet(outputs, indices=indices)], targets)
+    assert set(losses) == {"loss_class", "loss_mask", "loss_dice"}
+    pred = outputs["pred_masks"][0, [1, 3]].flatten(1)
+    gt = targets[0]["masks"][[1, 0]].flatten(1).float()
+    dense_bce = torch.nn.functional.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(1).sum() / 2
+    probs = pred.sigmoid()
+    dense_dice = (1 - (2 * (probs * gt).sum(1) + 1) / (probs.sum(1) + gt.sum(1) + 1)).sum() / 2
+    # uniform random points: the point estimate is close to the dense loss, not equal
+    assert abs(losses["loss_mask"].item() / 5.0 - dense_bce.item()) < 0.1 * dense_bce.item()
+    assert abs(losses["loss_dice"].item() / 5.0 - dense_dice.item()) < 0.1 * dense_dice.item()
+    hungarian = crit([QuerySet(outputs)], targets)
+    assert set(hungarian) == set(losses) and all(torch.isfinite(v) for v in hungarian.values())
+
+
+def test_fixed_assignment_set_uses_its_indices_on_every_layer():
+    """A fixed-assignment entry (DINO denoising, FastInst's GT-guided set): every layer is
+    supervised with the given indices, never re-matched, normaliser scaled."""
+    matcher = HungarianMatcher({"class": 1.0, "bbox": 1.0})
+    crit = SetCriterion(matcher, {"loss_class": 1.0, "loss_bbox": 1.0, "loss_giou": 1.0})
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([_box(0.3), _box(0.6)])}]
+    outputs = _query_set(1, 4, 3, 5)
+    outputs["aux_outputs"] = [_query_set(1, 4, 3, 6)]
+    fixed = [(torch.tensor([3, 0]), torch.tensor([0, 1]))]
+    losses = crit([QuerySet(outputs, "_gt", indices=fixed, normalizer=3.0)], targets)
+    for suffix, layer in (("_gt", outputs), ("_gt_aux0", outputs["aux_outputs"][0])):
+        raw = crit.layer_losses(layer, targets, fixed, 2.0 * 3.0)
+        for term in ("class", "bbox", "giou"):
+            assert torch.isclose(losses[f"loss_{term}{suffix}"], raw[f"loss_{term}"])
+
+
+def test_point_sampled_mask_costs_equal_dense_costs_at_pixel_centres():
+    """The matcher's point-sampled BCE/dice costs, read at every pixel centre, equal the
+    dense costs over all pixels; the matcher uses the same points for all pairs."""
+    size = 12
+    outputs, targets = _mask_query_set(1, 4, 3, size, 1), _mask_targets(size)
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    centres = torch.stack([xs.flatten(), ys.flatten()], -1) / size
+    costs = point_mask_costs(outputs["pred_masks"][0], targets[0]["masks"], centres)
+    pred, gt = outputs["pred_masks"][0].flatten(1), targets[0]["masks"].flatten(1).float()
+    assert torch.allclose(costs["mask"], sigmoid_bce_cost(pred, gt), atol=1e-6)
+    assert torch.allclose(costs["dice"], dice_cost(pred, gt), atol=1e-6)
+
+    class PixelCentreMatcher(HungarianMatcher):
+        def mask_points(self, device):
+            return centres
+
+    matcher = PixelCentreMatcher({"mask": 5.0, "dice": 5.0})
+    dense_total = 5.0 * sigmoid_bce_cost(pred, gt) + 5.0 * dice_cost(pred, gt)
+    assert torch.allclose(matcher.cost_matrix({"pred_masks": outputs["pred_masks"][0]}, targets[0]), dense_total,
+                          atol=1e-5)
+    (rows, cols), = matcher(outputs, targets)
+    best = min(sum(dense_total[q, t] for t, q in enumerate(p)) for p in itertools.permutations(range(4), 2))
+    assert torch.isclose(dense_total[rows, cols].sum(), best)
+    with pytest.raises(ValueError, match="inside boxes"):
+        matcher.cost_matrix({"pred_masks": outputs["pred_masks"][0], "pred_mask_boxes": torch.rand(4, 4)}, targets[0])
 
 
 def test_criterion_no_targets_gives_finite_losses_with_grads():
@@ -164,7 +251,7 @@ def test_criterion_no_targets_gives_finite_losses_with_grads():
     out = _query_set(2, 3, 2, 0)
     out["pred_boxes"].requires_grad_(True)
     empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
-    losses = crit(out, [empty, empty])
+    losses = crit([QuerySet(out)], [empty, empty])
     total = sum(losses.values())
     total.backward()
     assert torch.isfinite(total) and out["pred_boxes"].grad is not None

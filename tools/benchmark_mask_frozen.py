@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import resource
 import sys
 import time
@@ -57,28 +58,20 @@ def build_cfg(config_file, opts):
 
 def end_to_end_losses(model, batched_inputs):
     """Detector losses (train mode, with its denoising / one-to-many queries) + mask
-    losses, gradients flowing into the detector."""
-    det = model.detector
-    images = det.preprocess_image(batched_inputs)
-    features = det.backbone(images.tensor)
-    srcs, masks, pos = det.multi_level_features(images, features)
-    targets = det.prepare_targets(batched_inputs, images.image_sizes)
-    denoising = det.denoising(targets) if det.denoising is not None else None
-    out = det.transformer(srcs, masks, pos, denoising)
-    losses = det.criterion(det.loss_inputs(out, denoising), targets)
-    selected = model.select_queries(out, images.image_sizes)
-    preds = model.mask_network(features[model.c1_feature], out, selected.embeddings, selected.boxes)
-    matcher_view = {"pred_logits": selected.logits, "pred_boxes": selected.boxes_normalized}
-    losses.update(model.criterion(preds, matcher_view, model.prepare_targets(batched_inputs, images)))
+    losses, gradients flowing into the detector; only the detector interface is used."""
+    detector = model.detector
+    images = detector.preprocess_image(batched_inputs)
+    targets = detector.prepare_targets(batched_inputs, images.image_sizes)
+    detected = detector.detect(images, targets)
+    losses = detector.losses(detected, targets)
+    preds, selected = model.predict_masks(detected)
+    losses.update(model.losses(preds, selected, model.prepare_targets(batched_inputs, images)))
     return losses
 
 
 def unfreeze(model):
     """Undo the freezing of the detector: trainable and following train()/eval()."""
-    for p in model.detector.parameters():
-        p.requires_grad_(True)
-    if "train" in vars(model.detector):
-        del model.detector.train  # the instance override installed by pin_eval_mode
+    model.unfreeze_detector()
     model.train()
     assert all(m.training for m in model.detector.modules())
 
@@ -137,6 +130,27 @@ def run_variant(variant, config_file, opts, iters, warmup, threads, queue):
     })
 
 
+def wait_for_result(variant, proc, queue, poll_s: float = 1.0):
+    """The result the variant's process puts on ``queue``; a RuntimeError with its exit
+    code as soon as the process has died without one (never waits forever)."""
+    while True:
+        try:
+            result = queue.get(timeout=poll_s)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # the result may have arrived just before the process exited
+                    result = queue.get(timeout=poll_s)
+                    break
+                except queue_module.Empty:
+                    raise RuntimeError(f"benchmark variant {variant!r} died without a result "
+                                       f"(exit code {proc.exitcode}); its error is printed above") from None
+    proc.join()
+    if proc.exitcode:
+        raise RuntimeError(f"benchmark variant {variant!r} failed (exit code {proc.exitcode})")
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     ctx = mp.get_context("spawn")
@@ -146,10 +160,7 @@ def main(argv=None):
         proc = ctx.Process(target=run_variant, args=(variant, args.config_file, args.opts, args.iters, args.warmup,
                                                      args.threads, queue))
         proc.start()
-        results[variant] = queue.get()
-        proc.join()
-        if proc.exitcode:
-            raise RuntimeError(f"benchmark variant {variant!r} failed (exit code {proc.exitcode})")
+        results[variant] = wait_for_result(variant, proc, queue)
     frozen, e2e = results["frozen"], results["end_to_end"]
     print(f"config: {args.config_file}  batch {frozen['batch_size']}  input {frozen['input_size']}")
     print(f"{'variant':<12} {'iter time (s)':>14} {'peak mem (MB)':>14} {'trainable params':>17}")

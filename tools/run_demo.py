@@ -64,8 +64,19 @@ def train_mask_network(cfg):
           f"on the frozen detector {cfg.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS}", flush=True)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
-    trainer.train()  # detectron2's EvalHook evaluates at the end and prints the tables
-    return getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
+    trainer.train()  # detectron2's EvalHook evaluates at the end, prints the tables and logs the metrics
+    return final_metrics(trainer) or Trainer.test(cfg, trainer.model)
+
+
+def final_metrics(trainer):
+    """``{"bbox": {"AP": ..}, "segm": {..}}`` from the metrics the final evaluation put in
+    the trainer's event storage (empty when training was already finished: nothing ran)."""
+    results = {}
+    for key, (value, _) in trainer.storage.latest().items():
+        task, _, metric = key.partition("/")
+        if task in ("bbox", "segm") and metric:
+            results.setdefault(task, {})[metric] = value
+    return results
 
 
 def main(argv=None):

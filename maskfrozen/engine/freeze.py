@@ -2,26 +2,48 @@
 
 A frozen parameter has ``requires_grad=False``, so the optimizer never sees it. A module
 whose parameters are all frozen (and that has at least one) is also pinned to eval mode,
-so its norm layers keep their statistics even when the model is put in train mode."""
+so its norm layers keep their statistics even when the model is put in train mode: its
+class becomes a subclass whose ``train`` method always selects eval mode
+(:class:`EvalModePinned`), a real override that :func:`unpin_eval_mode` undoes."""
 import logging
 import re
-import types
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 from torch import nn
+
+__all__ = ["EvalModePinned", "pin_eval_mode", "unpin_eval_mode", "freeze_by_patterns"]
 
 logger = logging.getLogger(__name__)
 
 
-def _train_stays_eval(module: nn.Module, mode: bool = True) -> nn.Module:
-    """Replacement for ``module.train`` of a frozen module: always eval mode."""
-    return nn.Module.train(module, False)
+class EvalModePinned:
+    """Mixin put in front of a module's class: ``train(mode)`` always means eval mode."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+_PINNED_CLASSES: Dict[type, type] = {}
+
+
+def _pinned_class(cls: type) -> type:
+    """``EvalModePinned`` + ``cls``, one class per original class (same name prefixed)."""
+    if cls not in _PINNED_CLASSES:
+        _PINNED_CLASSES[cls] = type(f"EvalPinned{cls.__name__}", (EvalModePinned, cls), {"__module__": cls.__module__})
+    return _PINNED_CLASSES[cls]
 
 
 def pin_eval_mode(module: nn.Module) -> None:
     """Keep ``module`` (and its children) in eval mode whatever ``train()`` is called with."""
-    module.train = types.MethodType(_train_stays_eval, module)
+    if not isinstance(module, EvalModePinned):
+        module.__class__ = _pinned_class(type(module))
     module.eval()
+
+
+def unpin_eval_mode(module: nn.Module) -> None:
+    """Undo :func:`pin_eval_mode`: ``train()`` works again (the mode is left as it is)."""
+    if isinstance(module, EvalModePinned):
+        module.__class__ = next(c for c in type(module).__mro__ if not issubclass(c, EvalModePinned))
 
 
 def freeze_by_patterns(model: nn.Module, patterns: Sequence[str]) -> List[str]:

@@ -8,7 +8,7 @@ Rules (applied per parameter, in this order):
   for embeddings (``nn.Embedding`` and parameters named like ``*embed*``/``level_embed``
   that are not inside a Linear/Conv), ``SOLVER.WEIGHT_DECAY_BIAS`` for biases.
 Parameters sharing (lr, weight decay) are merged into one group."""
-from typing import Any, Dict, List, Sequence, Tuple, Type
+from typing import Any, Dict, List, Tuple, Type
 
 import torch
 from detectron2.config import CfgNode
@@ -105,7 +105,3 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         optimizer_cls = maybe_add_gradient_clipping(cfg, optimizer_cls)
     return optimizer_cls(build_param_groups(model, cfg), lr=cfg.SOLVER.BASE_LR, **kwargs)
 
-
-def trainable_parameter_names(model: nn.Module) -> Sequence[str]:
-    """Names of the parameters an optimizer built by ``build_optimizer`` would update."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]

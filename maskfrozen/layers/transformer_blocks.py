@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "FFN", "get_activation_fn"]
+__all__ = ["MLP", "get_activation_fn"]
 
 
 def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """"relu" | "gelu" | "glu" -> the functional activation."""
-    table = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+    """"relu" | "gelu" -> the functional activation (shape-preserving: an FFN's hidden
+    width stays ``dim_feedforward``)."""
+    table = {"relu": F.relu, "gelu": F.gelu}
     if name not in table:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(table)}")
     return table[name]
@@ -32,19 +33,3 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
-
-
-class FFN(nn.Module):
-    """Residual feed-forward block ``x + drop(W2 drop(act(W1 x)))``; the caller applies
-    its norm (post-norm DETR layers) so the same block serves pre-norm layers too."""
-
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.0, activation: str = "relu"):
-        super().__init__()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.activation = get_activation_fn(activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.dropout2(self.linear2(self.dropout1(self.activation(self.linear1(x)))))

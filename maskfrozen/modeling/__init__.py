@@ -1,4 +1,4 @@
 """Models: importing this package registers every meta-architecture."""
 from . import backbone  # noqa: F401,E402  (registers build_resnet_any_width_backbone)
-from . import detr  # noqa: F401,E402  (registers DeformableDETR)
+from . import detr  # noqa: F401,E402  (registers DeformableDETRFamily and its alias DeformableDETR)
 from . import mask_frozen  # noqa: F401,E402  (registers MaskFrozenDETR)

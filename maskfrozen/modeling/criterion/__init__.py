@@ -8,6 +8,13 @@ from .losses import (  # noqa: F401
     class_loss_softmax,
     giou_cost,
     matched_query_index,
+    matched_targets,
 )
-from .matcher import HungarianMatcher, default_cost_fns  # noqa: F401
-from .set_criterion import SetCriterion, repeat_targets  # noqa: F401
+from .matcher import HungarianMatcher, default_cost_fns, point_mask_costs  # noqa: F401
+from .set_criterion import (  # noqa: F401
+    QuerySet,
+    SetCriterion,
+    class_agnostic_targets,
+    num_boxes_across_ranks,
+    repeat_targets,
+)

@@ -17,6 +17,7 @@ from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, g
 __all__ = [
     "Indices",
     "matched_query_index",
+    "matched_targets",
     "class_loss_focal",
     "class_loss_softmax",
     "box_losses",
@@ -36,7 +37,8 @@ def matched_query_index(indices: Indices) -> Tuple[torch.Tensor, torch.Tensor]:
     return batch_idx, query_idx
 
 
-def _matched_targets(targets: Sequence[Dict[str, torch.Tensor]], indices: Indices, key: str) -> torch.Tensor:
+def matched_targets(targets: Sequence[Dict[str, torch.Tensor]], indices: Indices, key: str) -> torch.Tensor:
+    """``targets[i][key]`` of every matched target, concatenated over images (query order)."""
     return torch.cat([t[key][j] for t, (_, j) in zip(targets, indices)])
 
 
@@ -44,7 +46,7 @@ def _target_classes(logits: torch.Tensor, targets, indices: Indices, background:
     """``[B, Q]`` class of every query: its matched label, else ``background``."""
     classes = torch.full(logits.shape[:2], background, dtype=torch.int64, device=logits.device)
     if len(indices):
-        classes[matched_query_index(indices)] = _matched_targets(targets, indices, "labels").to(logits.device)
+        classes[matched_query_index(indices)] = matched_targets(targets, indices, "labels").to(logits.device)
     return classes
 
 
@@ -89,7 +91,7 @@ def box_losses(
     """L1 and (1 - GIoU) between matched predicted and target (cx, cy, w, h) boxes,
     each summed / num_boxes: ``{"loss_bbox", "loss_giou"}``."""
     src = pred_boxes[matched_query_index(indices)]
-    tgt = _matched_targets(targets, indices, "boxes").to(src)
+    tgt = matched_targets(targets, indices, "boxes").to(src)
     if src.numel() == 0:
         zero = pred_boxes.sum() * 0.0  # keeps the graph so every parameter gets a grad
         return {"loss_bbox": zero, "loss_giou": zero}

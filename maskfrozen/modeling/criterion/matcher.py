@@ -1,4 +1,10 @@
-"""Hungarian matcher with a pluggable table of weighted pairwise costs."""
+"""Hungarian matcher with a pluggable table of weighted pairwise costs.
+
+Costs by name: "class" (focal or softmax), "bbox" (L1), "giou", and the point-sampled
+mask costs "mask" (sigmoid BCE) and "dice" (Mask2Former): the predicted and target masks
+of an image are read at the same ``num_mask_points`` uniform points, shared by all its
+queries and targets; more costs (e.g. FastInst's location cost) plug in by name.
+"""
 from functools import partial
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -7,12 +13,23 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .losses import Indices, box_l1_cost, class_cost_focal, class_cost_softmax, giou_cost
+from .mask_losses import dice_cost, sigmoid_bce_cost
+from .point_sampling import point_sample
 
-__all__ = ["HungarianMatcher", "CostFn", "default_cost_fns"]
+__all__ = ["HungarianMatcher", "CostFn", "default_cost_fns", "point_mask_costs", "MASK_COSTS"]
 
 # (outputs of one image: {"pred_logits": [Q, K], "pred_boxes": [Q, 4], ...},
 #  target of that image: {"labels": [T], "boxes": [T, 4], ...}) -> cost [Q, T]
 CostFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
+MASK_COSTS = ("mask", "dice")
+
+
+def point_mask_costs(pred_masks: torch.Tensor, tgt_masks: torch.Tensor, coords: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """``[Q, h, w]`` mask logits and ``[T, H, W]`` target masks, both read at the same
+    ``[P, 2]`` normalised (x, y) points -> ``{"mask": [Q, T] BCE, "dice": [Q, T] dice}``."""
+    pred = point_sample(pred_masks[:, None], coords[None].expand(len(pred_masks), -1, -1))[:, 0]
+    tgt = point_sample(tgt_masks[:, None].to(pred.dtype), coords[None].expand(len(tgt_masks), -1, -1))[:, 0]
+    return {"mask": sigmoid_bce_cost(pred, tgt), "dice": dice_cost(pred, tgt)}
 
 
 def default_cost_fns(class_cost: str = "focal", focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Dict[str, CostFn]:
@@ -27,6 +44,8 @@ def default_cost_fns(class_cost: str = "focal", focal_alpha: float = 0.25, focal
         "class": lambda out, tgt: cls(out["pred_logits"], tgt["labels"]),
         "bbox": lambda out, tgt: box_l1_cost(out["pred_boxes"], tgt["boxes"]),
         "giou": lambda out, tgt: giou_cost(out["pred_boxes"], tgt["boxes"]),
+        "mask": lambda out, tgt: out["mask_costs"]["mask"],
+        "dice": lambda out, tgt: out["mask_costs"]["dice"],
     }
 
 
@@ -47,6 +66,7 @@ class HungarianMatcher(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         cost_fns: Optional[Mapping[str, CostFn]] = None,
+        num_mask_points: int = 12544,
     ):
         super().__init__()
         fns = default_cost_fns(class_cost, focal_alpha, focal_gamma)
@@ -58,11 +78,23 @@ class HungarianMatcher(nn.Module):
             raise ValueError("HungarianMatcher: all cost weights are 0")
         self.cost_weights = {k: float(w) for k, w in cost_weights.items() if w != 0}
         self.cost_fns = fns
+        self.num_mask_points = num_mask_points
+        self.uses_mask_costs = any(name in self.cost_weights for name in MASK_COSTS)
+
+    def mask_points(self, device: torch.device) -> torch.Tensor:
+        """``[P, 2]`` uniform random (x, y) points shared by an image's masks."""
+        return torch.rand(self.num_mask_points, 2, device=device)
 
     def cost_matrix(self, outputs: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[Q, T]`` weighted total cost for one image (float32)."""
         outputs = {k: v.float() for k, v in outputs.items()}
         target = {k: (v.float() if v.is_floating_point() else v) for k, v in target.items()}
+        if self.uses_mask_costs:
+            if "pred_mask_boxes" in outputs:
+                raise ValueError("HungarianMatcher: the point-sampled mask costs need masks over the image; these "
+                                 "are predicted inside boxes (pred_mask_boxes): match them with box costs")
+            points = self.mask_points(outputs["pred_masks"].device)
+            outputs["mask_costs"] = point_mask_costs(outputs["pred_masks"], target["masks"], points)
         total = 0
         for name, weight in self.cost_weights.items():
             total = total + weight * self.cost_fns[name](outputs, target)
@@ -73,7 +105,8 @@ class HungarianMatcher(nn.Module):
         """Args:
             outputs: batched predictions, e.g. ``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]``
                 (only tensors with a batch dim of B are used).
-            targets: B dicts with ``labels [T_i]`` and ``boxes [T_i, 4]`` (cx, cy, w, h normalised).
+            targets: B dicts with ``labels [T_i]``, ``boxes [T_i, 4]`` (cx, cy, w, h normalised)
+                and, for the mask costs, ``masks [T_i, H, W]`` over the padded image.
         Returns:
             B pairs ``(query_idx, target_idx)`` of int64 CPU tensors, sorted by query.
         """

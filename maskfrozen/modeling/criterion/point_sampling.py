@@ -11,12 +11,12 @@ Coordinates are normalised ``(x, y)`` in ``[0, 1]`` over the sampled map, where
 ``(0, 0)`` is the top-left corner of the top-left pixel (``grid_sample`` with
 ``align_corners=False``): the same convention as detectron2's mask pasting.
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["point_sample", "logit_uncertainty", "importance_sample_points"]
+__all__ = ["point_sample", "logit_uncertainty", "importance_sample_points", "box_points_to_image"]
 
 
 def point_sample(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -76,3 +76,14 @@ def importance_sample_points(
         if num_random > 0:
             chosen.append(torch.rand(num_masks, num_random, 2, device=device, dtype=dtype, generator=generator))
         return torch.cat(chosen, dim=1)
+
+
+def box_points_to_image(coords: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    """Points given in each box's frame (``[M, P, 2]`` normalised ``(x, y)``, (0, 0) =
+    the box's top-left corner) -> normalised coordinates of an ``(H, W)`` image; boxes
+    ``[M, 4]`` XYXY in pixels. For masks predicted inside boxes (Mask Frozen-DETR)."""
+    height, width = image_size
+    origin = boxes[:, None, :2]
+    size = (boxes[:, None, 2:] - boxes[:, None, :2]).clamp(min=0)
+    scale = torch.tensor([width, height], dtype=coords.dtype, device=coords.device)
+    return (origin + coords * size) / scale

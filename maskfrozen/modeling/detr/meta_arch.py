@@ -1,11 +1,25 @@
-"""``DeformableDETR``: one Detectron2 meta-architecture for Deformable-DETR, DINO and H-DETR.
+"""``DeformableDETRFamily``: one Detectron2 meta-architecture for Deformable-DETR, DINO
+and H-DETR (registered also under its former name ``DeformableDETR``).
 
 backbone (res3-res5) -> :class:`ChannelMapper` (+1 stride-2 level) -> sine position
 + level embeddings -> :class:`DeformableTransformer` -> :class:`SetCriterion` (training)
 or top-k over queries x classes (inference). The variant is chosen by config options
 (``MODEL.DETR.*``, see :func:`maskfrozen.config.add_detr_config`).
+
+The detector interface, used by heads that attach to a detector (Mask Frozen-DETR on a
+frozen one, Co-DETR's auxiliary heads, the benchmarks) instead of reaching into it:
+
+- ``preprocess_image(batched_inputs) -> ImageList`` (normalised, padded);
+- ``prepare_targets(batched_inputs, image_sizes)`` -> per image ``labels``, ``boxes``;
+- ``detect(images, targets=None) -> DetectorOutputs``: every backbone feature and the
+  transformer's structured output (with DINO's denoising queries when targets are given
+  in training);
+- ``losses(detected, targets)``: the detector's own losses (its query sets through the
+  shared criterion); ``query_sets(detected, targets)`` the entries themselves;
+- ``hidden_dim``, ``num_feature_levels``, ``matcher`` (the detector's Hungarian matcher).
 """
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -17,18 +31,29 @@ from torch import nn
 
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from maskfrozen.layers.position_encoding import PositionEmbeddingSine
-from maskfrozen.modeling.criterion import HungarianMatcher, SetCriterion
+from maskfrozen.modeling.criterion import (HungarianMatcher, QuerySet, SetCriterion, class_agnostic_targets,
+                                           repeat_targets)
 from maskfrozen.modeling.postprocess import top_query_class_pairs
 
 from .denoising import ContrastiveDenoising, DenoisingQueries
 from .neck import ChannelMapper
 from .transformer import DeformableTransformer, DeformableTransformerOutput
 
-__all__ = ["DeformableDETR"]
+__all__ = ["DeformableDETRFamily", "DeformableDETR", "DetectorOutputs"]
+
+
+@dataclass
+class DetectorOutputs:
+    """What :meth:`DeformableDETRFamily.detect` computes for a batch."""
+
+    images: ImageList  # normalised, padded input
+    features: Dict[str, torch.Tensor]  # every backbone output, including those the neck skips (res2)
+    transformer: DeformableTransformerOutput
+    denoising: Optional[DenoisingQueries] = None  # DINO's queries (training with targets)
 
 
 @META_ARCH_REGISTRY.register()
-class DeformableDETR(nn.Module):
+class DeformableDETRFamily(nn.Module):
     """Deformable-DETR family detector (see module doc).
 
     Inputs are detectron2's standard batched dicts (``image`` CHW uint8 BGR,
@@ -51,6 +76,9 @@ class DeformableDETR(nn.Module):
         pixel_std: List[float],
         size_divisibility: int = 32,
         test_topk: int = 100,
+        enc_class_agnostic: bool = True,
+        one2many_repeats: int = 6,
+        one2many_weight: float = 1.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -62,6 +90,8 @@ class DeformableDETR(nn.Module):
         self.denoising = denoising
         self.size_divisibility = size_divisibility
         self.test_topk = test_topk
+        self.enc_class_agnostic = enc_class_agnostic
+        self.one2many_repeats, self.one2many_weight = one2many_repeats, one2many_weight
         shape = backbone.output_shape()
         strides = [shape[f].stride for f in self.in_features]
         self.level_strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(len(neck.extra_convs))]
@@ -79,13 +109,17 @@ class DeformableDETR(nn.Module):
         num_extra = d.NUM_FEATURE_LEVELS - len(d.IN_FEATURES)
         if num_extra < 0:
             raise ValueError(f"MODEL.DETR.NUM_FEATURE_LEVELS={d.NUM_FEATURE_LEVELS} < len(IN_FEATURES)={len(d.IN_FEATURES)}")
+        if d.NUM_QUERIES < 1:
+            raise ValueError(f"MODEL.DETR.NUM_QUERIES must be >= 1, got {d.NUM_QUERIES} (the one-to-one queries are "
+                             "the detections)")
+        if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
+            raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
         matcher = HungarianMatcher(
             {"class": d.CLASS_COST_WEIGHT, "bbox": d.BBOX_COST_WEIGHT, "giou": d.GIOU_COST_WEIGHT},
             focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
         criterion = SetCriterion(
             matcher, {"loss_class": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT},
-            focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA, enc_class_agnostic=d.ENC_CLASS_AGNOSTIC,
-            one2many_repeats=d.K_ONE2MANY, one2many_weight=d.LAMBDA_ONE2MANY)
+            losses=("labels", "boxes"), focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
         transformer = DeformableTransformer(
             num_classes=d.NUM_CLASSES, d_model=d.HIDDEN_DIM, nhead=d.NHEADS, num_encoder_layers=d.ENC_LAYERS,
             num_decoder_layers=d.DEC_LAYERS, dim_feedforward=d.DIM_FEEDFORWARD, dropout=d.DROPOUT,
@@ -109,46 +143,51 @@ class DeformableDETR(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": d.SIZE_DIVISIBILITY,
-            "test_topk": d.TEST_TOPK,
+            "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "enc_class_agnostic": d.ENC_CLASS_AGNOSTIC,
+            "one2many_repeats": d.K_ONE2MANY,
+            "one2many_weight": d.LAMBDA_ONE2MANY,
         }
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @property
+    def hidden_dim(self) -> int:
+        """Channels of the transformer (queries, memory)."""
+        return self.transformer.d_model
+
+    @property
+    def num_feature_levels(self) -> int:
+        return len(self.level_strides)
+
+    @property
+    def matcher(self) -> HungarianMatcher:
+        return self.criterion.matcher
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
-        srcs, masks, pos = self.multi_level_features(images)
         if not self.training:
-            out = self.transformer(srcs, masks, pos)
-            return self.inference(out, batched_inputs, images.image_sizes)
+            return self.inference(self.detect(images).transformer, batched_inputs, images.image_sizes)
         targets = self.prepare_targets(batched_inputs, images.image_sizes)
-        denoising = self.denoising(targets) if self.denoising is not None else None
-        out = self.transformer(srcs, masks, pos, denoising)
-        return self.criterion(self.loss_inputs(out, denoising), targets)
+        return self.losses(self.detect(images, targets), targets)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def multi_level_features(self, images: ImageList, features: Optional[Dict[str, torch.Tensor]] = None):
-        """(features, padding masks, position embeddings) per level; ``features``: the
-        backbone outputs when the caller already computed them."""
-        features = self.backbone(images.tensor) if features is None else features
+    def detect(self, images: ImageList, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> DetectorOutputs:
+        """Backbone, neck and transformer on a preprocessed batch (no post-processing);
+        with ``targets`` in training, DINO's denoising queries join the decoder."""
+        features = self.backbone(images.tensor)
         srcs = self.neck([features[f] for f in self.in_features])
         masks = [self.level_padding_mask(images, src.shape[-2:], s) for src, s in zip(srcs, self.level_strides)]
-        return srcs, masks, [self.position_embedding(m).to(src.dtype) for m, src in zip(masks, srcs)]
-
-    def detector_outputs(self, batched_inputs: List[Dict]):
-        """The inference path without post-processing: (padded ``ImageList``, every backbone
-        feature, including those the neck does not use such as ``res2``, and the
-        :class:`DeformableTransformerOutput`). Heads on a frozen detector attach here
-        (Mask Frozen-DETR)."""
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        srcs, masks, pos = self.multi_level_features(images, features)
-        return images, features, self.transformer(srcs, masks, pos)
+        pos = [self.position_embedding(m).to(src.dtype) for m, src in zip(masks, srcs)]
+        use_denoising = self.denoising is not None and targets is not None and self.training
+        denoising = self.denoising(targets) if use_denoising else None
+        return DetectorOutputs(images, features, self.transformer(srcs, masks, pos, denoising), denoising)
 
     def level_padding_mask(self, images: ImageList, size, stride: int) -> torch.Tensor:
         """``[N, H_l, W_l]`` True outside ceil(image size / stride): exactly the cells a
@@ -163,7 +202,7 @@ class DeformableDETR(nn.Module):
         targets = []
         for x, (h, w) in zip(batched_inputs, image_sizes):
             if "instances" not in x:
-                raise KeyError("DeformableDETR training needs 'instances' in every input dict")
+                raise KeyError(f"{type(self).__name__} training needs 'instances' in every input dict")
             inst = x["instances"].to(self.device)
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor / scale)
@@ -172,22 +211,32 @@ class DeformableDETR(nn.Module):
 
     # ------------------------------------------------------------------ losses
     @staticmethod
-    def query_set(out: DeformableTransformerOutput, group: str) -> Dict:
+    def group_outputs(out: DeformableTransformerOutput, group: str) -> Dict:
         """The criterion's view of one query group: last layer + ``aux_outputs``."""
         sl = out.query_groups[group]
         layers = [{"pred_logits": l[:, sl], "pred_boxes": b[:, sl]} for l, b in zip(out.pred_logits, out.pred_boxes)]
         return {**layers[-1], "aux_outputs": layers[:-1]}
 
-    def loss_inputs(self, out: DeformableTransformerOutput, denoising: Optional[DenoisingQueries]) -> Dict:
-        outputs = self.query_set(out, "one2one")
+    def query_sets(self, detected: DetectorOutputs, targets: List[Dict[str, torch.Tensor]]) -> List[QuerySet]:
+        """The supervised entries: one-to-one queries (+ encoder proposals, denoising,
+        one-to-many, each one entry of the shared criterion)."""
+        out, denoising = detected.transformer, detected.denoising
+        sets = [QuerySet(self.group_outputs(out, "one2one"))]
         if out.enc_logits is not None:
-            outputs["enc_outputs"] = {"pred_logits": out.enc_logits, "pred_boxes": out.enc_boxes}
+            enc_targets = class_agnostic_targets(targets) if self.enc_class_agnostic else None
+            sets.append(QuerySet({"pred_logits": out.enc_logits, "pred_boxes": out.enc_boxes}, "_enc", enc_targets))
         if denoising is not None:
-            outputs["dn_outputs"] = {**self.query_set(out, "dn"), "indices": denoising.indices,
-                                     "num_groups": denoising.num_groups}
+            sets.append(QuerySet(self.group_outputs(out, "dn"), "_dn", indices=denoising.indices,
+                                 normalizer=denoising.num_groups))
         if "one2many" in out.query_groups:
-            outputs["one2many_outputs"] = self.query_set(out, "one2many")
-        return outputs
+            k = self.one2many_repeats
+            sets.append(QuerySet(self.group_outputs(out, "one2many"), "_one2many", repeat_targets(targets, k),
+                                 weight=self.one2many_weight, normalizer=k))
+        return sets
+
+    def losses(self, detected: DetectorOutputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """The detector's weighted losses (``loss_<term><suffix>[_aux<i>]``)."""
+        return self.criterion(self.query_sets(detected, targets), targets)
 
     # ------------------------------------------------------------------ inference
     def inference(self, out: DeformableTransformerOutput, batched_inputs: List[Dict], image_sizes) -> List[Dict]:
@@ -204,3 +253,9 @@ class DeformableDETR(nn.Module):
             inst.pred_classes = label
             results.append({"instances": detector_postprocess(inst, x.get("height", h), x.get("width", w))})
         return results
+
+
+@META_ARCH_REGISTRY.register()
+class DeformableDETR(DeformableDETRFamily):
+    """The former name of :class:`DeformableDETRFamily`, kept so existing configs
+    (``META_ARCHITECTURE: "DeformableDETR"``) and checkpoints load unchanged."""

@@ -23,57 +23,83 @@ Choices that differ from a public repo (all for padding invariance or cost):
   variant; Deformable-DETR / H-DETR supervise all tokens;
 - DINO's dynamic query position embeds the image-normalised reference box, not the
   box scaled by level 0's valid ratio, so padding does not change it;
-- padded or out-of-range tokens are never selected as proposals (score -inf).
+- padded or out-of-range tokens are never selected as proposals (score -inf);
+- an image with fewer encoder tokens than queries selects every token and pads the rest
+  with masked queries (no other query attends to them, they score 0 at inference).
+
+The transformer runs in stages, each with a small structured output, so heads can attach
+to any of them (Co-DETR's auxiliary heads on the memory, extra query groups through the
+same decoder, Mask2Former's pixel decoder on the encoder alone):
+
+    encode(srcs, masks, pos) -> EncoderOutput          (memory + level geometry)
+    select(encoded, denoising) -> DecoderQueries       (initial queries, groups, masks)
+    decode(encoded, queries) -> DecoderOutput          (per-layer states, logits, boxes)
+
+``forward`` chains them into one :class:`DeformableTransformerOutput`.
 """
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from maskfrozen.layers.attention import DeformableAttentionLayer, FFNLayer, SelfAttentionLayer
 from maskfrozen.layers.box_ops import inverse_sigmoid
+from maskfrozen.layers.deformable_encoder import (DeformableEncoder, EncoderOutput, flatten_levels, pixel_centres,
+                                                  valid_sizes)
 from maskfrozen.layers.ms_deform_attn import MSDeformAttn
 from maskfrozen.layers.position_encoding import sine_embedding
-from maskfrozen.layers.transformer_blocks import FFN, MLP
+from maskfrozen.layers.transformer_blocks import MLP
 
 from .denoising import DenoisingQueries
 from .query_groups import query_self_attention_mask, query_slices
 
-__all__ = ["DeformableTransformer", "DeformableTransformerOutput"]
+__all__ = ["DeformableTransformer", "DeformableTransformerOutput", "DecoderQueries", "DecoderOutput"]
 
 
 @dataclass
-class DeformableTransformerOutput:
-    """Everything a head may attach to. S = sum_l H_l * W_l, Q = all decoder queries
-    (denoising + one-to-one + one-to-many, see ``query_groups``), D = decoder layers."""
+class DecoderQueries:
+    """The decoder's input queries (Q of them, laid out as ``query_groups``)."""
 
-    memory: torch.Tensor  # [N, S, C] encoder output
-    spatial_shapes: torch.Tensor  # [L, 2] int64 (H, W)
-    level_start_index: torch.Tensor  # [L] int64
-    valid_ratios: torch.Tensor  # [N, L, 2] valid (w, h) fraction of each level
-    padding_mask: torch.Tensor  # [N, S] bool, True = padding
-    hidden_states: torch.Tensor  # [D, N, Q, C] decoder outputs (after the final norm)
-    references: List[torch.Tensor]  # D x [N, Q, 2 or 4] input reference of each layer (sigmoid space)
-    pred_logits: torch.Tensor  # [D, N, Q, K]
-    pred_boxes: torch.Tensor  # [D, N, Q, 4] normalised (cx, cy, w, h)
-    query_groups: Dict[str, slice] = field(default_factory=dict)  # "dn", "one2one", "one2many"
+    content: torch.Tensor  # [N, Q, C]
+    reference: torch.Tensor  # [N, Q, 2 or 4] initial references (sigmoid space)
+    query_groups: Dict[str, slice]  # "dn", "one2one", "one2many" (see query_groups.py)
+    query_pos: Optional[torch.Tensor] = None  # [N, Q, C] static position (None: dynamic, DINO)
+    self_attn_mask: Optional[torch.Tensor] = None  # [Q, Q] bool, True = may not attend
+    padding: Optional[torch.Tensor] = None  # [N, Q] bool, True = padded query (too few tokens)
     enc_logits: Optional[torch.Tensor] = None  # [N, Q_sel, K] selected encoder proposals
     enc_boxes: Optional[torch.Tensor] = None  # [N, Q_sel, 4]
 
-    def level_maps(self) -> List[torch.Tensor]:
-        """The encoder memory as per-level maps ``[N, C, H_l, W_l]``."""
-        n, _, c = self.memory.shape
-        sizes = [int(h) * int(w) for h, w in self.spatial_shapes.tolist()]
-        chunks = self.memory.split(sizes, dim=1)
-        return [x.transpose(1, 2).reshape(n, c, int(h), int(w)) for x, (h, w) in zip(chunks, self.spatial_shapes.tolist())]
 
-    def level_padding_masks(self) -> List[torch.Tensor]:
-        """Per-level ``[N, H_l, W_l]`` padding masks."""
-        n = self.padding_mask.shape[0]
-        sizes = [int(h) * int(w) for h, w in self.spatial_shapes.tolist()]
-        return [m.view(n, int(h), int(w)) for m, (h, w) in zip(self.padding_mask.split(sizes, 1), self.spatial_shapes.tolist())]
+@dataclass
+class DecoderOutput:
+    """One entry per decoder layer (D layers)."""
+
+    hidden_states: torch.Tensor  # [D, N, Q, C] (after the final norm)
+    pred_logits: torch.Tensor  # [D, N, Q, K]
+    pred_boxes: torch.Tensor  # [D, N, Q, 4] normalised (cx, cy, w, h)
+
+
+@dataclass
+class DeformableTransformerOutput(EncoderOutput):
+    """Everything a head may attach to: the encoder output (memory, spatial shapes, level
+    start index, valid ratios, padding mask) and the decoder's per-layer predictions.
+    S = sum_l H_l * W_l, Q = all decoder queries (``query_groups``), D = decoder layers."""
+
+    hidden_states: torch.Tensor  # [D, N, Q, C]
+    pred_logits: torch.Tensor  # [D, N, Q, K]
+    pred_boxes: torch.Tensor  # [D, N, Q, 4]
+    query_groups: Dict[str, slice] = field(default_factory=dict)
+    query_padding: Optional[torch.Tensor] = None  # [N, Q] bool, True = padded query
+    enc_logits: Optional[torch.Tensor] = None
+    enc_boxes: Optional[torch.Tensor] = None
+
+    @classmethod
+    def assemble(cls, encoded: EncoderOutput, queries: DecoderQueries, decoded: DecoderOutput):
+        return cls(**vars(encoded.geometry()), memory=encoded.memory, **vars(decoded),
+                   query_groups=queries.query_groups, query_padding=queries.padding,
+                   enc_logits=queries.enc_logits, enc_boxes=queries.enc_boxes)
 
     @property
     def final_queries(self) -> torch.Tensor:
@@ -82,8 +108,12 @@ class DeformableTransformerOutput:
 
     @property
     def final_scores(self) -> torch.Tensor:
-        """``[N, Q1, K]`` last-layer sigmoid class scores of the one-to-one queries."""
-        return self.pred_logits[-1][:, self.query_groups["one2one"]].sigmoid()
+        """``[N, Q1, K]`` last-layer sigmoid class scores of the one-to-one queries (0 for
+        padded queries)."""
+        scores = self.pred_logits[-1][:, self.query_groups["one2one"]].sigmoid()
+        if self.query_padding is not None:
+            scores = scores.masked_fill(self.query_padding[:, self.query_groups["one2one"], None], 0.0)
+        return scores
 
     @property
     def final_boxes(self) -> torch.Tensor:
@@ -92,88 +122,26 @@ class DeformableTransformerOutput:
 
 
 # ----------------------------------------------------------------------------- layers
-class DeformableEncoderLayer(nn.Module):
-    """src = LN(src + MSDeformAttn(src + pos)); src = LN(FFN(src))."""
-
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_levels, num_points):
-        super().__init__()
-        self.self_attn = MSDeformAttn(d_model, nhead, num_levels, num_points)
-        self.dropout = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.ffn = FFN(d_model, dim_feedforward, dropout, activation)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout(attn))
-        return self.norm2(self.ffn(src))
-
-
 class DeformableDecoderLayer(nn.Module):
-    """tgt = LN(tgt + SelfAttn(tgt + pos)); tgt = LN(tgt + MSDeformAttn(tgt + pos, memory));
-    tgt = LN(FFN(tgt))."""
+    """Self-attention -> deformable cross-attention to the memory -> FFN (post-norm)."""
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout, activation, num_levels, num_points):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformAttn(d_model, nhead, num_levels, num_points)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = FFN(d_model, dim_feedforward, dropout, activation)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.self_attn = SelfAttentionLayer(d_model, nhead, dropout)
+        self.cross_attn = DeformableAttentionLayer(d_model, nhead, num_levels, num_points, dropout)
+        self.ffn = FFNLayer(d_model, dim_feedforward, dropout, activation)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask, self_attn_mask=None):
-        q = k = tgt + query_pos
-        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
-        tgt = self.norm1(tgt + self.dropout1(attn))
-        cross = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                memory_padding_mask)
-        tgt = self.norm2(tgt + self.dropout2(cross))
-        return self.norm3(self.ffn(tgt))
+    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
+                encoded: EncoderOutput, self_attn_mask: Optional[torch.Tensor] = None,
+                query_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        tgt = self.self_attn(tgt, query_pos, self_attn_mask, query_padding)
+        tgt = self.cross_attn(tgt, query_pos, reference_points, encoded.memory, encoded.spatial_shapes,
+                              encoded.level_start_index, encoded.padding_mask)
+        return self.ffn(tgt)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _valid_ratios(mask: torch.Tensor) -> torch.Tensor:
-    """``[N, H, W]`` padding mask -> ``[N, 2]`` valid (w, h) fractions."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1).float()
-    valid_w = (~mask[:, 0, :]).sum(1).float()
-    return torch.stack([valid_w / w, valid_h / h], -1)
-
-
-def _pixel_grid(h: int, w: int, device) -> torch.Tensor:
-    """``[h * w, 2]`` (x, y) pixel centres in pixels, row-major."""
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32, device=device) + 0.5,
-        torch.arange(w, dtype=torch.float32, device=device) + 0.5,
-        indexing="ij",
-    )
-    return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
-
-
-def _valid_sizes(mask_flat: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, lvl: int):
-    """``[N, 2]`` valid (w, h) in pixels of level ``lvl``, from the flattened mask."""
-    h, w = (int(x) for x in spatial_shapes[lvl])
-    start = int(level_start_index[lvl])
-    m = mask_flat[:, start : start + h * w].view(-1, h, w)
-    return torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()
-
-
-def encoder_reference_points(mask_flat, spatial_shapes, level_start_index, valid_ratios) -> torch.Tensor:
-    """``[N, S, L, 2]`` the pixel centre of every token, normalised by the valid size of
-    its level and expressed in every level's padded coordinates (Deformable-DETR)."""
-    refs = []
-    for lvl in range(len(spatial_shapes)):
-        h, w = (int(x) for x in spatial_shapes[lvl])
-        valid = _valid_sizes(mask_flat, spatial_shapes, level_start_index, lvl)
-        refs.append(_pixel_grid(h, w, mask_flat.device)[None] / valid[:, None, :])
-    return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
-
-
-def encoder_proposals(memory, mask_flat, spatial_shapes, level_start_index):
+def encoder_proposals(encoded: EncoderOutput) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two-stage proposals: a box of size 0.05 * 2^l centred on every valid token.
 
     Returns:
@@ -182,16 +150,15 @@ def encoder_proposals(memory, mask_flat, spatial_shapes, level_start_index):
         memory with invalid tokens zeroed.
     """
     props = []
-    for lvl in range(len(spatial_shapes)):
-        h, w = (int(x) for x in spatial_shapes[lvl])
-        valid = _valid_sizes(mask_flat, spatial_shapes, level_start_index, lvl)
-        centres = _pixel_grid(h, w, memory.device)[None] / valid[:, None, :]
+    for lvl, size in enumerate(encoded.level_sizes()):
+        valid = valid_sizes(encoded, lvl, size)
+        centres = pixel_centres(*size, encoded.memory.device)[None] / valid[:, None, :]
         sizes = torch.full_like(centres, 0.05 * (2.0**lvl))
         props.append(torch.cat([centres, sizes], -1))
     proposals = torch.cat(props, 1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~mask_flat
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~encoded.padding_mask
     proposals_unact = torch.log(proposals / (1 - proposals)).masked_fill(~valid[..., None], float("inf"))
-    return proposals_unact, valid, memory.masked_fill(~valid[..., None], 0.0)
+    return proposals_unact, valid, encoded.memory.masked_fill(~valid[..., None], 0.0)
 
 
 def _apply_box_delta(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -207,19 +174,20 @@ def _scale_reference(reference: torch.Tensor, valid_ratios: torch.Tensor) -> tor
     return reference[:, :, None] * ratios[:, None]
 
 
+def _topk_padded(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Indices ``[N, k]`` of the top-k scores over dim 1; when fewer than k tokens exist,
+    all of them, then copies of the last one, with a ``[N, k]`` padding mask (else None)."""
+    available = scores.shape[1]
+    index = scores.topk(min(k, available), dim=1).indices
+    if available >= k:
+        return index, None
+    fill = index[:, -1:].expand(-1, k - available)
+    padding = torch.zeros(index.shape[0], k, dtype=torch.bool, device=index.device)
+    padding[:, available:] = True
+    return torch.cat([index, fill], 1), padding
+
+
 # ----------------------------------------------------------------------------- modules
-class DeformableEncoder(nn.Module):
-    def __init__(self, num_layers: int, **layer_kwargs):
-        super().__init__()
-        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
-
-    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
-        reference_points = encoder_reference_points(padding_mask, spatial_shapes, level_start_index, valid_ratios)
-        for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
-        return src
-
-
 class DeformableDecoder(nn.Module):
     """Decoder layers + per-layer predictions (iterative refinement, look-forward-twice)."""
 
@@ -235,37 +203,37 @@ class DeformableDecoder(nn.Module):
         self.box_refine = box_refine
         self.look_forward_twice = look_forward_twice
 
-    def forward(self, tgt, reference, memory, memory_padding_mask, spatial_shapes, level_start_index, valid_ratios,
-                query_pos, self_attn_mask, class_embed: nn.ModuleList, bbox_embed: nn.ModuleList):
-        """``reference`` ``[N, Q, 2|4]``: the initial references (two-stage proposals come
-        detached; learned one-stage references keep their gradient). Heads: one per layer
-        with box refinement, else ``[0]`` is shared. Returns hidden states, input
-        references, logits and boxes, one entry per layer."""
-        hidden, references, logits, boxes = [], [], [], []
+    def forward(self, queries: DecoderQueries, encoded: EncoderOutput, class_embed: nn.ModuleList,
+                bbox_embed: nn.ModuleList) -> DecoderOutput:
+        """Run every layer from ``queries`` (two-stage proposals come detached; learned
+        one-stage references keep their gradient). Heads: one per layer with box
+        refinement, else ``[0]`` is shared."""
+        hidden, logits, boxes = [], [], []
+        tgt, reference, query_pos = queries.content, queries.reference, queries.query_pos
         pred_reference = reference
         for lid, layer in enumerate(self.layers):
-            scaled = _scale_reference(reference, valid_ratios)
             if self.ref_point_head is not None:
-                # DINO embeds the reference scaled to level 0 (``scaled[:, :, 0]``); the
-                # image-normalised reference is used here so padding does not change it
+                # DINO embeds the reference scaled to level 0; the image-normalised
+                # reference is used here so padding does not change it
                 query_pos = self.ref_point_head(sine_embedding(reference, self.d_model // 2))
-            tgt = layer(tgt, query_pos, scaled, memory, spatial_shapes, level_start_index, memory_padding_mask,
-                        self_attn_mask)
+            scaled = _scale_reference(reference, encoded.valid_ratios)
+            tgt = layer(tgt, query_pos, scaled, encoded, queries.self_attn_mask, queries.padding)
             hs = self.norm(tgt)
             head = lid if self.box_refine else 0
-            box_head = bbox_embed[head]
-            references.append(reference)
-            boxes.append(_apply_box_delta(box_head(hs), pred_reference))
+            boxes.append(_apply_box_delta(bbox_embed[head](hs), pred_reference))
             logits.append(class_embed[head](hs))
             hidden.append(hs)
             if self.box_refine:
-                # refine from the un-normed output (DINO); equal to the prediction when there
-                # is no final norm and the prediction's reference is the detached one
-                same_as_prediction = hs is tgt and not self.look_forward_twice
-                refined = boxes[-1] if same_as_prediction else _apply_box_delta(box_head(tgt), reference)
-                pred_reference = refined if self.look_forward_twice else refined.detach()
-                reference = refined.detach()
-        return torch.stack(hidden), references, torch.stack(logits), torch.stack(boxes)
+                pred_reference, reference = self._refine(tgt, hs, boxes[-1], reference, bbox_embed[head])
+        return DecoderOutput(torch.stack(hidden), torch.stack(logits), torch.stack(boxes))
+
+    def _refine(self, tgt, hs, prediction, reference, box_head):
+        """(reference of the next prediction, reference of the next layer). Refines from the
+        un-normed output (DINO); that equals the prediction when there is no final norm
+        and the prediction's reference is the detached one."""
+        same_as_prediction = hs is tgt and not self.look_forward_twice
+        refined = prediction if same_as_prediction else _apply_box_delta(box_head(tgt), reference)
+        return (refined if self.look_forward_twice else refined.detach()), refined.detach()
 
 
 class DeformableTransformer(nn.Module):
@@ -361,42 +329,70 @@ class DeformableTransformer(nn.Module):
             if not two_stage:  # learned queries start as small boxes (Deformable-DETR)
                 nn.init.constant_(head.layers[-1].bias[2:], -2.0)
 
-    # ------------------------------------------------------------------ pieces
-    def _flatten(self, srcs, masks, pos_embeds):
-        if len(srcs) != len(self.level_embeds):
-            raise ValueError(f"DeformableTransformer: got {len(srcs)} feature levels, built for {len(self.level_embeds)}")
-        shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.int64, device=srcs[0].device)
-        start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
-        mask = torch.cat([m.flatten(1) for m in masks], 1)
-        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embeds[l] for l, p in enumerate(pos_embeds)], 1)
-        valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1)
-        return src, mask, pos, shapes, start, valid_ratios
+    # ------------------------------------------------------------------ stages
+    def encode(self, srcs: List[torch.Tensor], masks: List[torch.Tensor],
+               pos_embeds: List[torch.Tensor]) -> EncoderOutput:
+        """Flatten the levels (+ level embeddings) and run the encoder.
 
-    def _select_proposals(self, memory, mask, shapes, start, num_select):
-        """Top-scoring encoder proposals: their heads' outputs (for the encoder loss) and
-        the detached boxes that become the decoder's initial references."""
-        proposals_unact, valid, out_memory = encoder_proposals(memory, mask, shapes, start)
+        Args: per level ``srcs [N, C, H_l, W_l]``, ``masks [N, H_l, W_l]`` bool (True =
+        padding), ``pos_embeds [N, C, H_l, W_l]``.
+        """
+        src, pos, geometry = flatten_levels(srcs, masks, pos_embeds, self.level_embeds)
+        return self.encoder(src, pos, geometry)
+
+    def select(self, encoded: EncoderOutput, denoising: Optional[DenoisingQueries] = None) -> DecoderQueries:
+        """The decoder's initial queries: one-to-one (+ one-to-many in training) from the
+        encoder proposals (two-stage) or learned, with DINO's denoising queries in front."""
+        num_one2many = self.num_queries_one2many if self.training else 0
+        queries = self._matching_queries(encoded, self.num_queries + num_one2many)
+        num_groups = group_size = 0
+        if denoising is not None:
+            if self.query_pos_mode != "dynamic":
+                raise ValueError("DeformableTransformer: denoising queries need query_pos='dynamic' (DINO)")
+            queries.content = torch.cat([denoising.content, queries.content], 1)
+            queries.reference = torch.cat([denoising.boxes_unact.sigmoid(), queries.reference], 1)
+            if queries.padding is not None:
+                queries.padding = torch.cat([queries.padding.new_zeros(denoising.content.shape[:2]), queries.padding], 1)
+            num_groups, group_size = denoising.num_groups, denoising.group_size
+        queries.self_attn_mask = query_self_attention_mask(num_groups, group_size, self.num_queries, num_one2many,
+                                                           encoded.memory.device)
+        queries.query_groups = query_slices(num_groups * group_size, self.num_queries, num_one2many)
+        return queries
+
+    def decode(self, encoded: EncoderOutput, queries: DecoderQueries) -> DecoderOutput:
+        """Run the decoder and its per-layer heads on ``queries`` over the memory."""
+        return self.decoder(queries, encoded, self.class_embed, self.bbox_embed)
+
+    def forward(self, srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor],
+                denoising: Optional[DenoisingQueries] = None) -> DeformableTransformerOutput:
+        """``encode`` -> ``select`` -> ``decode`` (see :meth:`encode` for the inputs)."""
+        encoded = self.encode(srcs, masks, pos_embeds)
+        queries = self.select(encoded, denoising)
+        return DeformableTransformerOutput.assemble(encoded, queries, self.decode(encoded, queries))
+
+    # ------------------------------------------------------------------ query selection
+    def _select_proposals(self, encoded: EncoderOutput, num_select: int):
+        """Top-scoring encoder proposals: their heads' outputs (for the encoder loss), the
+        detached boxes that become the decoder's initial references, the padding mask."""
+        proposals_unact, valid, out_memory = encoder_proposals(encoded)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_logits = self.class_embed[-1](out_memory)
         enc_boxes_unact = self.bbox_embed[-1](out_memory) + proposals_unact
         # "first": class-agnostic proposals are ranked by logit 0 (Deformable-DETR, H-DETR)
         scores = enc_logits.max(-1).values if self.proposal_score == "max" else enc_logits[..., 0]
-        scores = scores.masked_fill(~valid, float("-inf"))
-        topk = scores.topk(num_select, dim=1).indices
+        topk, padding = _topk_padded(scores.masked_fill(~valid, float("-inf")), num_select)
         gather = lambda x: torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         boxes_unact = gather(enc_boxes_unact)
-        return gather(enc_logits), boxes_unact.sigmoid(), boxes_unact.detach()
+        return gather(enc_logits), boxes_unact.sigmoid(), boxes_unact.detach(), padding
 
-    def _initial_queries(self, memory, mask, shapes, start, num_matching):
-        """(content ``[N, Q, C]``, reference ``[N, Q, 2|4]``, static query pos or None,
-        encoder logits, encoder boxes) of the matching queries."""
-        n = memory.shape[0]
+    def _matching_queries(self, encoded: EncoderOutput, num_matching: int) -> DecoderQueries:
+        """Content, reference, static position and encoder outputs of the matching queries."""
+        n = encoded.memory.shape[0]
         if not self.two_stage:
             pos, content = self.query_embed.weight[:num_matching].split(self.d_model, dim=1)
             pos, content = pos[None].expand(n, -1, -1), content[None].expand(n, -1, -1)
-            return content, self.reference_points(pos).sigmoid(), pos, None, None
-        enc_logits, enc_boxes, boxes_unact = self._select_proposals(memory, mask, shapes, start, num_matching)
+            return DecoderQueries(content, self.reference_points(pos).sigmoid(), {}, query_pos=pos)
+        enc_logits, enc_boxes, boxes_unact, padding = self._select_proposals(encoded, num_matching)
         reference = boxes_unact.sigmoid()
         query_pos = content = None
         if self.query_pos_mode == "static":
@@ -404,33 +400,5 @@ class DeformableTransformer(nn.Module):
             query_pos, content = embed.split(self.d_model, dim=-1)
         if hasattr(self, "tgt_embed"):
             content = self.tgt_embed.weight[:num_matching][None].expand(n, -1, -1)
-        return content, reference, query_pos, enc_logits, enc_boxes
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor],
-                denoising: Optional[DenoisingQueries] = None) -> DeformableTransformerOutput:
-        """Args:
-            srcs: per level ``[N, C, H_l, W_l]``; masks: ``[N, H_l, W_l]`` bool (True = padding);
-            pos_embeds: ``[N, C, H_l, W_l]``; denoising: DINO queries prepended (training).
-        """
-        src, mask, pos, shapes, start, valid_ratios = self._flatten(srcs, masks, pos_embeds)
-        memory = self.encoder(src, pos, shapes, start, valid_ratios, mask)
-        num_one2many = self.num_queries_one2many if self.training else 0
-        content, reference, query_pos, enc_logits, enc_boxes = self._initial_queries(
-            memory, mask, shapes, start, self.num_queries + num_one2many)
-        num_groups = group_size = 0
-        if denoising is not None:
-            if self.query_pos_mode != "dynamic":
-                raise ValueError("DeformableTransformer: denoising queries need query_pos='dynamic' (DINO)")
-            content = torch.cat([denoising.content, content], 1)
-            reference = torch.cat([denoising.boxes_unact.sigmoid(), reference], 1)
-            num_groups, group_size = denoising.num_groups, denoising.group_size
-        attn_mask = query_self_attention_mask(num_groups, group_size, self.num_queries, num_one2many, memory.device)
-        hidden, references, logits, boxes = self.decoder(
-            content, reference, memory, mask, shapes, start, valid_ratios, query_pos, attn_mask,
-            self.class_embed, self.bbox_embed)
-        return DeformableTransformerOutput(
-            memory=memory, spatial_shapes=shapes, level_start_index=start, valid_ratios=valid_ratios,
-            padding_mask=mask, hidden_states=hidden, references=references, pred_logits=logits, pred_boxes=boxes,
-            query_groups=query_slices(num_groups * group_size, self.num_queries, num_one2many),
-            enc_logits=enc_logits, enc_boxes=enc_boxes)
+        return DecoderQueries(content, reference, {}, query_pos=query_pos, padding=padding, enc_logits=enc_logits,
+                              enc_boxes=enc_boxes)

@@ -2,19 +2,21 @@
 
 ``transformer``: a linear channel mapper reduces the channels of the mask features F
 (d -> d_b, per pixel, before RoIAlign: RoIAlign is linear, so this equals mapping each
-R_i and pools fewer channels), then ``depth`` post-norm transformer layers run over the
-``S x S`` tokens of each RoI, with a fixed sine embedding of the RoI grid as position.
-``none`` keeps F and R_i.
+R_i and pools fewer channels), then ``depth`` post-norm transformer layers (shared
+self-attention + FFN sub-layers) run over the ``S x S`` tokens of each RoI, with a fixed
+sine embedding of the RoI grid as position. ``none`` keeps F and R_i. Both are
+registered in ``BOX_ENCODER_REGISTRY``.
 """
 import torch
+from detectron2.config import CfgNode, configurable
 from torch import nn
 
+from maskfrozen.layers.attention import FFNLayer, SelfAttentionLayer
 from maskfrozen.layers.position_encoding import PositionEmbeddingSine
-from maskfrozen.layers.transformer_blocks import FFN
+from maskfrozen.modeling.registries import BOX_ENCODER_REGISTRY, build_from_registry
 
-__all__ = ["BOX_ENCODERS", "roi_position_embedding", "RoITransformerLayer", "BoxFeatureEncoder", "build_box_encoder"]
-
-BOX_ENCODERS = ("none", "transformer")
+__all__ = ["roi_position_embedding", "RoITransformerLayer", "BoxFeatureEncoder", "IdentityBoxEncoder",
+           "build_box_encoder"]
 
 
 def roi_position_embedding(size: int, dim: int, device=None) -> torch.Tensor:
@@ -26,31 +28,40 @@ def roi_position_embedding(size: int, dim: int, device=None) -> torch.Tensor:
 
 
 class RoITransformerLayer(nn.Module):
-    """x = LN(x + SelfAttn(x + pos, x + pos, x)); x = LN(FFN(x)) over RoI tokens."""
+    """Self-attention over the RoI tokens (position on queries and keys), then FFN."""
 
     def __init__(self, dim: int, nhead: int, dim_feedforward: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, nhead, batch_first=True)
-        self.norm1 = nn.LayerNorm(dim)
-        self.ffn = FFN(dim, dim_feedforward, 0.0, "relu")
-        self.norm2 = nn.LayerNorm(dim)
+        self.self_attn = SelfAttentionLayer(dim, nhead)
+        self.ffn = FFNLayer(dim, dim_feedforward)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        q = k = x + pos
-        x = self.norm1(x + self.self_attn(q, k, x, need_weights=False)[0])
-        return self.norm2(self.ffn(x))
+        return self.ffn(self.self_attn(x, pos))
 
 
+@BOX_ENCODER_REGISTRY.register()
 class BoxFeatureEncoder(nn.Module):
     """Channel mapper on F (``map_channels``: ``[B, d, H, W] -> [B, d_b, H, W]``) and
     ``depth`` :class:`RoITransformerLayer` on its RoIs (``forward``: ``[M, d_b, S, S]``)."""
 
+    config_name = "transformer"
+
+    @configurable
     def __init__(self, in_dim: int, dim: int, depth: int, roi_size: int, nhead: int = 8, dim_feedforward: int = 1024):
         super().__init__()
+        if depth < 0:
+            raise ValueError(f"MODEL.MASK_FROZEN.BOX_ENCODER.DEPTH must be >= 0, got {depth}")
         self.channel_mapper = nn.Conv2d(in_dim, dim, 1)
         self.layers = nn.ModuleList(RoITransformerLayer(dim, nhead, dim_feedforward) for _ in range(depth))
         self.register_buffer("pos", roi_position_embedding(roi_size, dim), persistent=False)
         self.out_channels = dim
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, in_dim: int):
+        m = cfg.MODEL.MASK_FROZEN
+        b = m.BOX_ENCODER
+        return {"in_dim": in_dim, "dim": b.DIM, "depth": b.DEPTH, "roi_size": m.ROI_SIZE, "nhead": b.NHEADS,
+                "dim_feedforward": b.DIM_FEEDFORWARD}
 
     def map_channels(self, features: torch.Tensor) -> torch.Tensor:
         return self.channel_mapper(features)
@@ -66,12 +77,20 @@ class BoxFeatureEncoder(nn.Module):
         return x.transpose(1, 2).reshape(m, -1, h, w)
 
 
+@BOX_ENCODER_REGISTRY.register()
 class IdentityBoxEncoder(nn.Module):
     """F_b = identity."""
 
+    config_name = "none"
+
+    @configurable
     def __init__(self, in_dim: int):
         super().__init__()
         self.out_channels = in_dim
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, in_dim: int):
+        return {"in_dim": in_dim}
 
     def map_channels(self, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -80,13 +99,8 @@ class IdentityBoxEncoder(nn.Module):
         return rois
 
 
-def build_box_encoder(name: str, in_dim: int, dim: int, depth: int, roi_size: int, nhead: int = 8,
-                      dim_feedforward: int = 1024) -> nn.Module:
-    """F_b by name (``MODEL.MASK_FROZEN.BOX_ENCODER.NAME``); has ``out_channels``."""
-    if name not in BOX_ENCODERS:
-        raise ValueError(f"MODEL.MASK_FROZEN.BOX_ENCODER.NAME={name!r}; expected one of {BOX_ENCODERS}")
-    if name == "none":
-        return IdentityBoxEncoder(in_dim)
-    if depth < 0:
-        raise ValueError(f"MODEL.MASK_FROZEN.BOX_ENCODER.DEPTH must be >= 0, got {depth}")
-    return BoxFeatureEncoder(in_dim, dim, depth, roi_size, nhead, dim_feedforward)
+def build_box_encoder(cfg: CfgNode, in_dim: int) -> nn.Module:
+    """F_b named by ``MODEL.MASK_FROZEN.BOX_ENCODER.NAME`` on features of ``in_dim``
+    channels; the result has ``out_channels``."""
+    name = cfg.MODEL.MASK_FROZEN.BOX_ENCODER.NAME
+    return build_from_registry(BOX_ENCODER_REGISTRY, name, "MODEL.MASK_FROZEN.BOX_ENCODER.NAME", cfg, in_dim)

@@ -1,92 +1,60 @@
-"""Training losses of the Mask Frozen-DETR mask network.
+"""Training losses of the Mask Frozen-DETR mask network, through the shared criterion.
 
 Assignment (documented choice): each image's GT objects are matched one-to-one to its N
-selected detector queries by the shared :class:`HungarianMatcher` with the detector's
-own box costs (focal class, L1, GIoU on the frozen predictions), i.e. a GT mask goes to
-the query that the detector's training objective would have assigned to that object.
-Unmatched queries get no mask loss; unmatched GTs (not among the top N) are ignored.
+selected detector queries by the detector's own Hungarian matcher (its focal class, L1
+and GIoU costs on the frozen predictions), i.e. a GT mask goes to the query that the
+detector's training objective would have assigned to that object. Unmatched queries get
+no mask loss; unmatched GTs (not among the top N) are ignored.
 
-Losses on matched queries, each summed and divided by the number of GT masks:
-point-sampled sigmoid BCE and dice (importance sampling: N points, oversample k,
-importance ratio beta), and the mask-IoU regression (squared error) of the scoring head,
-whose target is the IoU between the thresholded predicted mask, pasted into the image,
-and the GT mask.
+Loss terms on the matched queries, each summed and divided by the number of GT masks:
+the shared point-sampled sigmoid BCE and dice ("masks": importance sampling with N
+points, oversample k, importance ratio beta; masks predicted inside boxes read their
+targets through the box) and, with the scoring head, the mask-IoU regression
+("mask_iou", squared error) whose target is the IoU between the thresholded predicted
+mask, pasted into the image, and the GT mask.
 """
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from detectron2.config import CfgNode
 
-from maskfrozen.modeling.criterion.mask_losses import point_mask_losses
-from maskfrozen.modeling.criterion.matcher import HungarianMatcher
-from maskfrozen.modeling.criterion.point_sampling import point_sample
-from maskfrozen.modeling.criterion.set_criterion import num_boxes_across_ranks
+from maskfrozen.modeling.criterion import HungarianMatcher, SetCriterion, matched_query_index, matched_targets
 
-from .mask_network import MaskPredictions
-from .roi_ops import box_points_to_image, mask_iou, paste_roi_masks
+from .roi_ops import mask_iou
 
-__all__ = ["MaskFrozenCriterion", "predicted_binary_masks", "mask_iou_targets"]
+__all__ = ["MaskIoULoss", "build_mask_frozen_criterion"]
 
 
-def predicted_binary_masks(preds: MaskPredictions, index: torch.Tensor, image_size: Tuple[int, int],
-                           threshold: float = 0.5) -> torch.Tensor:
-    """``[M, H, W]`` bool masks of the predictions ``index`` over the padded input image."""
-    probs = preds.logits[index].sigmoid()
-    if preds.region == "box":
-        return paste_roi_masks(probs[:, 0], preds.boxes[index], image_size, threshold)
-    return F.interpolate(probs, size=image_size, mode="bilinear", align_corners=False)[:, 0] > threshold
+class MaskIoULoss:
+    """The "mask_iou" loss term: ``sum (iou_pred - IoU(mask > t, GT))^2 / num_masks``."""
+
+    def __init__(self, region, threshold: float = 0.5):
+        self.region = region
+        self.threshold = threshold
+
+    def targets(self, outputs: Mapping[str, torch.Tensor], gt_masks: torch.Tensor, batch_idx, query_idx):
+        """IoU of each matched, thresholded predicted mask with its GT mask ``[M, H, W]``."""
+        logits = outputs["pred_masks"][batch_idx, query_idx][:, None]
+        boxes = outputs["pred_mask_boxes"][batch_idx, query_idx] if "pred_mask_boxes" in outputs else None
+        with torch.no_grad():
+            binary = self.region.binary_masks(logits, boxes, tuple(gt_masks.shape[-2:]), self.threshold)
+            return mask_iou(binary, gt_masks)
+
+    def __call__(self, outputs, targets: Sequence[Dict[str, torch.Tensor]], indices, num_boxes: float):
+        batch_idx, query_idx = matched_query_index(indices)
+        gt_masks = matched_targets(targets, indices, "masks")
+        predicted = outputs["pred_mask_iou"][batch_idx, query_idx]
+        target_iou = self.targets(outputs, gt_masks, batch_idx, query_idx).to(predicted.dtype)
+        return {"loss_mask_iou": ((predicted - target_iou) ** 2).sum() / num_boxes}
 
 
-def mask_iou_targets(preds: MaskPredictions, index: torch.Tensor, gt_masks: torch.Tensor,
-                     threshold: float = 0.5) -> torch.Tensor:
-    """Targets of the scoring head: IoU of each thresholded predicted mask with its GT
-    mask ``gt_masks [M, H, W]`` (padded input frame)."""
-    with torch.no_grad():
-        return mask_iou(predicted_binary_masks(preds, index, tuple(gt_masks.shape[-2:]), threshold), gt_masks)
-
-
-class MaskFrozenCriterion(nn.Module):
-    """See the module doc. ``loss_weights`` keys: ``loss_mask``, ``loss_dice``, ``loss_mask_iou``."""
-
-    def __init__(self, matcher: HungarianMatcher, loss_weights: Mapping[str, float], num_points: int = 12544,
-                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75):
-        super().__init__()
-        self.matcher = matcher
-        self.loss_weights = dict(loss_weights)
-        self.num_points = num_points
-        self.oversample_ratio = oversample_ratio
-        self.importance_sample_ratio = importance_sample_ratio
-
-    def match(self, selected: Mapping[str, torch.Tensor], targets: Sequence[Dict[str, torch.Tensor]]):
-        """Flat indices (into the B*N predictions) of the matched queries, and their GT masks."""
-        num_queries = selected["pred_logits"].shape[1]
-        indices = self.matcher(selected, targets)
-        flat = torch.cat([q + b * num_queries for b, (q, _) in enumerate(indices)]).to(selected["pred_logits"].device)
-        masks = torch.cat([t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)])
-        return flat, masks
-
-    def forward(self, preds: MaskPredictions, selected: Mapping[str, torch.Tensor],
-                targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """Args:
-            preds: mask network output for the B*N selected queries.
-            selected: the matcher's view of those queries, ``pred_logits [B, N, K]``,
-                ``pred_boxes [B, N, 4]`` (normalised cx, cy, w, h).
-            targets: per image ``labels [T]``, ``boxes [T, 4]`` (normalised cx, cy, w, h)
-                and ``masks [T, H, W]`` bool over the padded input image.
-        """
-        flat, gt_masks = self.match(selected, targets)
-        num_masks = num_boxes_across_ranks(targets, preds.logits.device)
-        gt = gt_masks[:, None].to(preds.logits.dtype)
-        image_size = tuple(gt_masks.shape[-2:])
-        boxes = preds.boxes[flat]
-        if preds.region == "box":
-            sample = lambda c: point_sample(gt, box_points_to_image(c, boxes, image_size))[:, 0]  # noqa: E731
-        else:
-            sample = lambda c: point_sample(gt, c)[:, 0]  # noqa: E731  logits cover the padded image
-        losses = point_mask_losses(preds.logits[flat], sample, num_masks, self.num_points, self.oversample_ratio,
-                                   self.importance_sample_ratio)
-        if preds.iou is not None:
-            target_iou = mask_iou_targets(preds, flat, gt_masks)
-            losses["loss_mask_iou"] = ((preds.iou[flat] - target_iou) ** 2).sum() / num_masks
-        return {k: v * self.loss_weights.get(k, 1.0) for k, v in losses.items()}
+def build_mask_frozen_criterion(cfg: CfgNode, matcher: HungarianMatcher, region) -> SetCriterion:
+    """The shared criterion with the mask terms (+ "mask_iou" when the scoring head is on)
+    and the detector's ``matcher``."""
+    m = cfg.MODEL.MASK_FROZEN
+    losses = ("masks", "mask_iou") if m.MASK_SCORING.ENABLED else ("masks",)
+    return SetCriterion(
+        matcher, {"loss_mask": m.MASK_WEIGHT, "loss_dice": m.DICE_WEIGHT, "loss_mask_iou": m.MASK_IOU_WEIGHT},
+        losses=losses, num_points=m.NUM_POINTS, oversample_ratio=m.OVERSAMPLE_RATIO,
+        importance_sample_ratio=m.IMPORTANCE_SAMPLE_RATIO,
+        extra_loss_fns={"mask_iou": MaskIoULoss(region, m.TEST.MASK_THRESHOLD)})

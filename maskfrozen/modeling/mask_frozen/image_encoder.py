@@ -1,8 +1,9 @@
 """Image feature encoders F_e of Mask Frozen-DETR (Sec. 4.2): trainable blocks that refine
 the frozen encoder features E before they are fused with C1, ``F = C1 + up(F_e(E))``.
 
-Every encoder maps the detector's :class:`DeformableTransformerOutput` to a refined
-highest-resolution level ``E1 [N, C, H_1, W_1]``:
+Every encoder maps the detector's encoder output (:class:`EncoderOutput`: memory and
+level geometry) to a refined highest-resolution level ``E1 [N, C, H_1, W_1]``; each is
+registered in ``IMAGE_ENCODER_REGISTRY`` under its config name:
 
 - ``none``: E1 as is (the paper's baseline);
 - ``deformable``: multi-scale deformable encoder blocks over all levels
@@ -15,13 +16,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
 from torch import nn
 
+from maskfrozen.layers.deformable_encoder import DeformableEncoder, EncoderOutput, flatten_levels
 from maskfrozen.layers.position_encoding import PositionEmbeddingSine
-from maskfrozen.modeling.detr.transformer import DeformableEncoder, DeformableTransformerOutput
+from maskfrozen.modeling.registries import IMAGE_ENCODER_REGISTRY, build_from_registry
 
 __all__ = [
-    "IMAGE_ENCODERS",
     "IdentityImageEncoder",
     "DeformableImageEncoder",
     "SwinImageEncoder",
@@ -29,27 +31,40 @@ __all__ = [
     "build_image_encoder",
 ]
 
-IMAGE_ENCODERS = ("none", "deformable", "swin", "convnext")
+
+def _depth(cfg: CfgNode) -> int:
+    e = cfg.MODEL.MASK_FROZEN.IMAGE_ENCODER
+    if e.DEPTH < 1:
+        raise ValueError(f"MODEL.MASK_FROZEN.IMAGE_ENCODER.DEPTH must be >= 1 for {e.NAME!r}, got {e.DEPTH}")
+    return e.DEPTH
 
 
-def first_level(out: DeformableTransformerOutput, memory: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Level 0 (the finest) of ``memory`` (default: the encoder output) as ``[N, C, H, W]``."""
-    memory = out.memory if memory is None else memory
-    h, w = (int(x) for x in out.spatial_shapes[0])
-    return memory[:, : h * w].transpose(1, 2).reshape(memory.shape[0], memory.shape[2], h, w)
-
-
+@IMAGE_ENCODER_REGISTRY.register()
 class IdentityImageEncoder(nn.Module):
     """F_e = identity: the frozen E1."""
 
-    def forward(self, out: DeformableTransformerOutput) -> torch.Tensor:
-        return first_level(out)
+    config_name = "none"
+
+    @configurable
+    def __init__(self):
+        super().__init__()
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, dim: int, num_levels: int):
+        return {}
+
+    def forward(self, encoded: EncoderOutput) -> torch.Tensor:
+        return encoded.level_maps()[0]
 
 
+@IMAGE_ENCODER_REGISTRY.register()
 class DeformableImageEncoder(nn.Module):
     """``depth`` multi-scale deformable encoder blocks on ``[E1..E_L]``; returns level 1.
     Positions: sine embedding of each level's padding mask + a learned level embedding."""
 
+    config_name = "deformable"
+
+    @configurable
     def __init__(self, d_model: int, depth: int, num_levels: int, nhead: int = 8, num_points: int = 4,
                  dim_feedforward: int = 1024):
         super().__init__()
@@ -58,15 +73,20 @@ class DeformableImageEncoder(nn.Module):
         self.position = PositionEmbeddingSine(d_model // 2, normalize=True)
         self.level_embeds = nn.Parameter(torch.randn(num_levels, d_model) * 0.02)
 
-    def forward(self, out: DeformableTransformerOutput) -> torch.Tensor:
-        if len(out.spatial_shapes) != len(self.level_embeds):
-            raise ValueError(f"DeformableImageEncoder: detector gives {len(out.spatial_shapes)} levels, "
+    @classmethod
+    def from_config(cls, cfg: CfgNode, dim: int, num_levels: int):
+        e = cfg.MODEL.MASK_FROZEN.IMAGE_ENCODER
+        return {"d_model": dim, "depth": _depth(cfg), "num_levels": num_levels, "nhead": e.NHEADS,
+                "num_points": e.N_POINTS, "dim_feedforward": e.DIM_FEEDFORWARD}
+
+    def forward(self, encoded: EncoderOutput) -> torch.Tensor:
+        if len(encoded.spatial_shapes) != len(self.level_embeds):
+            raise ValueError(f"DeformableImageEncoder: detector gives {len(encoded.spatial_shapes)} levels, "
                              f"built for {len(self.level_embeds)}")
-        pos = torch.cat([self.position(m).flatten(2).transpose(1, 2) + self.level_embeds[l]
-                         for l, m in enumerate(out.level_padding_masks())], 1).to(out.memory.dtype)
-        memory = self.encoder(out.memory, pos, out.spatial_shapes, out.level_start_index, out.valid_ratios,
-                              out.padding_mask)
-        return first_level(out, memory)
+        masks = encoded.level_padding_masks()
+        pos = [self.position(m).to(encoded.memory.dtype) for m in masks]
+        src, pos, geometry = flatten_levels(encoded.level_maps(), masks, pos, self.level_embeds)
+        return self.encoder(src, pos, geometry).level_maps()[0]
 
 
 # ----------------------------------------------------------------------------- Swin
@@ -156,16 +176,25 @@ class SwinBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@IMAGE_ENCODER_REGISTRY.register()
 class SwinImageEncoder(nn.Module):
     """``depth`` Swin blocks on E1, shifted windows in every second block."""
 
+    config_name = "swin"
+
+    @configurable
     def __init__(self, d_model: int, depth: int, nhead: int = 8, window: int = 7):
         super().__init__()
         self.blocks = nn.ModuleList(
             SwinBlock(d_model, nhead, window, shift=(window // 2 if i % 2 else 0)) for i in range(depth))
 
-    def forward(self, out: DeformableTransformerOutput) -> torch.Tensor:
-        x = first_level(out).permute(0, 2, 3, 1)
+    @classmethod
+    def from_config(cls, cfg: CfgNode, dim: int, num_levels: int):
+        e = cfg.MODEL.MASK_FROZEN.IMAGE_ENCODER
+        return {"d_model": dim, "depth": _depth(cfg), "nhead": e.NHEADS, "window": e.WINDOW_SIZE}
+
+    def forward(self, encoded: EncoderOutput) -> torch.Tensor:
+        x = encoded.level_maps()[0].permute(0, 2, 3, 1)
         for block in self.blocks:
             x = block(x)
         return x.permute(0, 3, 1, 2).contiguous()
@@ -189,28 +218,28 @@ class ConvNeXtBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
+@IMAGE_ENCODER_REGISTRY.register()
 class ConvNeXtImageEncoder(nn.Module):
     """``depth`` ConvNeXt blocks on E1."""
 
+    config_name = "convnext"
+
+    @configurable
     def __init__(self, d_model: int, depth: int, kernel_size: int = 7):
         super().__init__()
         self.blocks = nn.Sequential(*(ConvNeXtBlock(d_model, kernel_size) for _ in range(depth)))
 
-    def forward(self, out: DeformableTransformerOutput) -> torch.Tensor:
-        return self.blocks(first_level(out))
+    @classmethod
+    def from_config(cls, cfg: CfgNode, dim: int, num_levels: int):
+        return {"d_model": dim, "depth": _depth(cfg)}
+
+    def forward(self, encoded: EncoderOutput) -> torch.Tensor:
+        return self.blocks(encoded.level_maps()[0])
 
 
-def build_image_encoder(name: str, d_model: int, depth: int, num_levels: int, nhead: int = 8, num_points: int = 4,
-                        dim_feedforward: int = 1024, window: int = 7) -> nn.Module:
-    """F_e by name (``MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME``); ``depth`` blocks."""
-    if name not in IMAGE_ENCODERS:
-        raise ValueError(f"MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME={name!r}; expected one of {IMAGE_ENCODERS}")
-    if name != "none" and depth < 1:
-        raise ValueError(f"MODEL.MASK_FROZEN.IMAGE_ENCODER.DEPTH must be >= 1 for {name!r}, got {depth}")
-    if name == "deformable":
-        return DeformableImageEncoder(d_model, depth, num_levels, nhead, num_points, dim_feedforward)
-    if name == "swin":
-        return SwinImageEncoder(d_model, depth, nhead, window)
-    if name == "convnext":
-        return ConvNeXtImageEncoder(d_model, depth)
-    return IdentityImageEncoder()
+def build_image_encoder(cfg: CfgNode, dim: int, num_levels: int) -> nn.Module:
+    """F_e named by ``MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME`` for a detector of width ``dim``
+    with ``num_levels`` feature levels."""
+    name = cfg.MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME
+    return build_from_registry(IMAGE_ENCODER_REGISTRY, name, "MODEL.MASK_FROZEN.IMAGE_ENCODER.NAME", cfg, dim,
+                               num_levels)

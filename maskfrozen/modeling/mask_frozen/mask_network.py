@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskfrozen.layers.deformable_encoder import EncoderOutput
 from maskfrozen.layers.transformer_blocks import MLP
-from maskfrozen.modeling.detr.transformer import DeformableTransformerOutput
 
-from .roi_ops import roi_align_per_mask, roi_align_per_query
+from .roi_ops import roi_align_per_query
 
-__all__ = ["MASK_REGIONS", "NECKS", "MaskPredictions", "C1Neck", "MaskNetwork"]
+__all__ = ["NECKS", "MaskPredictions", "C1Neck", "MaskNetwork", "build_mask_embed"]
 
-MASK_REGIONS = ("box", "image")
 NECKS = ("conv_gn", "linear")
 
 
@@ -33,10 +32,8 @@ NECKS = ("conv_gn", "linear")
 class MaskPredictions:
     """Mask network outputs for the B*N selected queries (image-major)."""
 
-    region: str  # "box": logits on each box's S x S grid; "image": over the padded image at 1/stride
-    logits: torch.Tensor  # [B*N, 1, h, w]
+    logits: torch.Tensor  # [B*N, 1, h, w] on each box's S x S grid ("box") or over the padded image at 1/stride
     boxes: torch.Tensor  # [B*N, 4] XYXY in input pixels
-    roi_mask_probs: torch.Tensor  # [B*N, 1, S, S] mask probabilities inside each box (detached)
     iou: Optional[torch.Tensor] = None  # [B*N] predicted mask IoU, when mask scoring is on
 
 
@@ -58,21 +55,18 @@ class MaskNetwork(nn.Module):
     """See the module doc. Sub-modules are built by the caller (meta-arch ``from_config``).
 
     Args:
-        region: "box" (RoI masks, the paper's final design) or "image" (baseline masks).
+        region: where masks are predicted (:mod:`.mask_region`: "box", the paper's final
+            design, or "image", the baseline).
         neck: C1 -> d. image_encoder: F_e, detector output -> refined E1 ``[B, d, ., .]``.
         box_encoder: F_b with ``out_channels`` d_b. query_encoder: queries x RoIs -> queries.
         mask_embed: MLP q_i -> e_i (d_b channels for "box", d for "image").
         scoring_head: :class:`MaskIoUHead` or None.
-        roi_size: S. c1_stride: stride of C1 in input pixels. roi_sampling_ratio: RoIAlign
-        samples per bin side (0: adaptive).
+    The RoI geometry (size S, stride of C1, RoIAlign sampling ratio) is the region's.
     """
 
-    def __init__(self, *, region: str, neck: nn.Module, image_encoder: nn.Module, box_encoder: nn.Module,
-                 query_encoder: nn.Module, mask_embed: nn.Module, scoring_head: Optional[nn.Module], roi_size: int,
-                 c1_stride: int, roi_sampling_ratio: int = 2):
+    def __init__(self, *, region, neck: nn.Module, image_encoder: nn.Module, box_encoder: nn.Module,
+                 query_encoder: nn.Module, mask_embed: nn.Module, scoring_head: Optional[nn.Module]):
         super().__init__()
-        if region not in MASK_REGIONS:
-            raise ValueError(f"MODEL.MASK_FROZEN.MASK_REGION={region!r}; expected one of {MASK_REGIONS}")
         self.region = region
         self.neck = neck
         self.image_encoder = image_encoder
@@ -80,35 +74,27 @@ class MaskNetwork(nn.Module):
         self.query_encoder = query_encoder
         self.mask_embed = mask_embed
         self.scoring_head = scoring_head
-        self.roi_size = roi_size
-        self.c1_stride = c1_stride
-        self.roi_sampling_ratio = roi_sampling_ratio
 
-    def mask_features(self, c1: torch.Tensor, out: DeformableTransformerOutput) -> torch.Tensor:
+    def mask_features(self, c1: torch.Tensor, encoded: EncoderOutput) -> torch.Tensor:
         """F = Neck(C1) + interpolate(F_e(E)) at the resolution of C1."""
         c1 = self.neck(c1)
-        e1 = self.image_encoder(out)
+        e1 = self.image_encoder(encoded)
         return c1 + F.interpolate(e1, size=c1.shape[-2:], mode="bilinear", align_corners=False)
 
-    def forward(self, c1: torch.Tensor, out: DeformableTransformerOutput, queries: torch.Tensor,
+    def forward(self, c1: torch.Tensor, encoded: EncoderOutput, queries: torch.Tensor,
                 boxes: torch.Tensor) -> MaskPredictions:
-        """``c1 [B, C, H/s, W/s]``, ``queries [B, N, d]``, ``boxes [B, N, 4]`` XYXY input pixels."""
-        features = self.mask_features(c1, out)
-        scale = 1.0 / self.c1_stride
+        """``c1 [B, C, H/s, W/s]``, the detector's encoder output, ``queries [B, N, d]``,
+        ``boxes [B, N, 4]`` XYXY input pixels."""
+        region = self.region
+        features = self.mask_features(c1, encoded)
         mapped = self.box_encoder.map_channels(features)
-        rois = self.box_encoder(roi_align_per_query(mapped, boxes, self.roi_size, scale, self.roi_sampling_ratio))
-        queries = self.query_encoder(queries, rois)
-        embed = self.mask_embed(queries)
+        rois = self.box_encoder(roi_align_per_query(mapped, boxes, region.roi_size, 1.0 / region.c1_stride,
+                                                    region.roi_sampling_ratio))
+        embed = self.mask_embed(self.query_encoder(queries, rois))
         flat_boxes = boxes.flatten(0, 1)
-        if self.region == "box":
-            logits = torch.einsum("mc,mchw->mhw", embed.flatten(0, 1), rois)[:, None]
-            roi_probs = logits.detach().sigmoid()
-        else:
-            logits = torch.einsum("bnc,bchw->bnhw", embed, features).flatten(0, 1)[:, None]
-            roi_probs = roi_align_per_mask(logits.detach().sigmoid()[:, 0], flat_boxes, self.roi_size, scale,
-                                           self.roi_sampling_ratio)
-        iou = self.scoring_head(roi_probs, rois) if self.scoring_head is not None else None
-        return MaskPredictions(self.region, logits, flat_boxes, roi_probs, iou)
+        logits = region.logits(embed, rois, features)
+        iou = self.scoring_head(region.roi_probs(logits, flat_boxes), rois) if self.scoring_head is not None else None
+        return MaskPredictions(logits, flat_boxes, iou)
 
 
 def build_mask_embed(dim: int, out_dim: int, num_layers: int) -> nn.Module:

@@ -3,7 +3,10 @@
 The detector (any meta-arch of our DETR family, built from the same config's
 ``MODEL.DETR`` / backbone sections) is loaded from ``MODEL.MASK_FROZEN.DETECTOR_WEIGHTS``
 and frozen: no parameter requires grad, it stays in eval mode when the model is put in
-train mode, and it runs under ``no_grad``. Only the :class:`MaskNetwork` trains.
+train mode (``MaskFrozenDETR.train`` says so), and it runs under ``no_grad``. Only the
+:class:`MaskNetwork` trains. The detector is used only through its documented interface
+(``preprocess_image``, ``prepare_targets``, ``detect``, ``losses``, ``hidden_dim``,
+``num_feature_levels``, ``matcher``; see :mod:`maskfrozen.modeling.detr.meta_arch`).
 
 Per image: the top-N queries by class score of the detector's last decoder layer ->
 their embeddings, boxes and classes -> mask network -> masks (and predicted mask IoU).
@@ -15,27 +18,26 @@ class), scored ``class score x predicted IoU`` with the mask scoring head, other
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
-from maskfrozen.engine.freeze import pin_eval_mode
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy
-from maskfrozen.modeling.criterion.matcher import HungarianMatcher
+from maskfrozen.modeling.criterion import QuerySet, SetCriterion
 from maskfrozen.modeling.postprocess import (instances_to_output_size, mask_prob_score, top_queries,
                                              top_query_class_pairs)
 
 from .box_encoder import build_box_encoder
-from .criterion import MaskFrozenCriterion
+from .criterion import build_mask_frozen_criterion
 from .image_encoder import build_image_encoder
 from .mask_network import C1Neck, MaskNetwork, MaskPredictions, build_mask_embed
+from .mask_region import build_mask_region
 from .mask_scoring import MaskIoUHead
 from .query_encoder import QueryFeatureEncoder
 
@@ -56,18 +58,34 @@ class SelectedQueries:
 
 
 # ----------------------------------------------------------------------------- detector
+def read_detector_state(path: str) -> Dict[str, torch.Tensor]:
+    """The ``model`` state dict of a detector (or whole MaskFrozenDETR) checkpoint, with
+    errors naming the file and the key for a missing, unreadable or malformed file."""
+    key = "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS"
+    local = PathManager.get_local_path(path)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"{key}={path!r}: no such file; train the detector first (tools/train_net.py with its "
+                                f"DETR config) or point to its model_final.pth")
+    try:
+        checkpoint = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated/corrupt zip, a pickle with code, not a checkpoint at all
+        raise ValueError(f"{key}={path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        found = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{key}={path!r}: expected a checkpoint whose 'model' key holds a state dict of tensors "
+                         f"(as tools/train_net.py writes), found {found}")
+    if any(k.startswith("detector.") for k in state):
+        state = {k[len("detector."):]: v for k, v in state.items() if k.startswith("detector.")}
+    return state
+
+
 def load_detector_weights(detector: nn.Module, path: str) -> None:
     """Load a detector checkpoint strictly: a missing file, missing/unexpected keys or
     shape mismatches raise an error naming them. Accepts a detector checkpoint or a
     whole MaskFrozenDETR checkpoint (its ``detector.`` entries)."""
-    local = PathManager.get_local_path(path)
-    if not os.path.isfile(local):
-        raise FileNotFoundError(f"MODEL.MASK_FROZEN.DETECTOR_WEIGHTS={path!r}: no such file; train the detector first "
-                                f"(tools/train_net.py with its DETR config) or point to its model_final.pth")
-    state = DetectionCheckpointer(detector)._load_file(local)["model"]
-    state = {k: torch.as_tensor(v) for k, v in state.items()}
-    if any(k.startswith("detector.") for k in state):
-        state = {k[len("detector."):]: v for k, v in state.items() if k.startswith("detector.")}
+    state = read_detector_state(path)
     own = detector.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -83,10 +101,11 @@ def load_detector_weights(detector: nn.Module, path: str) -> None:
 
 
 def freeze_detector(detector: nn.Module) -> None:
-    """No parameter requires grad and the module stays in eval mode."""
+    """No parameter requires grad and the module is in eval mode (``MaskFrozenDETR.train``
+    keeps it there)."""
     for p in detector.parameters():
         p.requires_grad_(False)
-    pin_eval_mode(detector)
+    detector.eval()
 
 
 def build_frozen_detector(cfg: CfgNode) -> nn.Module:
@@ -96,7 +115,7 @@ def build_frozen_detector(cfg: CfgNode) -> nn.Module:
     name = m.DETECTOR_META_ARCHITECTURE
     if name == "MaskFrozenDETR" or name not in META_ARCH_REGISTRY:
         raise ValueError(f"MODEL.MASK_FROZEN.DETECTOR_META_ARCHITECTURE={name!r} is not a registered detector "
-                         f"meta-architecture (e.g. 'DeformableDETR')")
+                         f"meta-architecture (e.g. 'DeformableDETRFamily')")
     det_cfg = cfg.clone()
     det_cfg.defrost()
     det_cfg.MODEL.META_ARCHITECTURE = name
@@ -114,26 +133,23 @@ def build_frozen_detector(cfg: CfgNode) -> nn.Module:
     return detector
 
 
-def build_mask_network(cfg: CfgNode, c1_channels: int, c1_stride: int) -> MaskNetwork:
-    """The :class:`MaskNetwork` of ``MODEL.MASK_FROZEN`` for a detector of width
-    ``MODEL.DETR.HIDDEN_DIM``."""
-    m, d = cfg.MODEL.MASK_FROZEN, cfg.MODEL.DETR.HIDDEN_DIM
-    ie, be, qe, ms = m.IMAGE_ENCODER, m.BOX_ENCODER, m.QUERY_ENCODER, m.MASK_SCORING
-    box_encoder = build_box_encoder(be.NAME, d, be.DIM, be.DEPTH, m.ROI_SIZE, be.NHEADS, be.DIM_FEEDFORWARD)
+def build_mask_network(cfg: CfgNode, detector: nn.Module, c1_channels: int, c1_stride: int) -> MaskNetwork:
+    """The :class:`MaskNetwork` of ``MODEL.MASK_FROZEN`` for ``detector`` (its width and
+    number of feature levels)."""
+    m, d = cfg.MODEL.MASK_FROZEN, detector.hidden_dim
+    qe, ms = m.QUERY_ENCODER, m.MASK_SCORING
+    region = build_mask_region(cfg, c1_stride)
+    box_encoder = build_box_encoder(cfg, d)
     roi_dim = box_encoder.out_channels
     return MaskNetwork(
-        region=m.MASK_REGION,
+        region=region,
         neck=C1Neck(m.NECK, c1_channels, d, m.NECK_GN_GROUPS),
-        image_encoder=build_image_encoder(ie.NAME, d, ie.DEPTH, cfg.MODEL.DETR.NUM_FEATURE_LEVELS, ie.NHEADS,
-                                          ie.N_POINTS, ie.DIM_FEEDFORWARD, ie.WINDOW_SIZE),
+        image_encoder=build_image_encoder(cfg, d, detector.num_feature_levels),
         box_encoder=box_encoder,
         query_encoder=QueryFeatureEncoder(qe.NAME, d, roi_dim, m.ROI_SIZE, qe.DEPTH, qe.NHEADS, qe.DIM_FEEDFORWARD),
-        mask_embed=build_mask_embed(d, roi_dim if m.MASK_REGION == "box" else d, m.MASK_EMBED_LAYERS),
+        mask_embed=build_mask_embed(d, region.embed_dim(roi_dim, d), m.MASK_EMBED_LAYERS),
         scoring_head=MaskIoUHead(roi_dim, ms.CONV_DIM, ms.NUM_CONVS, ms.FC_DIM, ms.NUM_FC, ms.POOL_SIZE)
         if ms.ENABLED else None,
-        roi_size=m.ROI_SIZE,
-        c1_stride=c1_stride,
-        roi_sampling_ratio=m.ROI_SAMPLING_RATIO,
     )
 
 
@@ -143,7 +159,7 @@ class MaskFrozenDETR(nn.Module):
     """Frozen DETR detector + trainable mask network (see the module doc)."""
 
     @configurable
-    def __init__(self, *, detector: nn.Module, mask_network: MaskNetwork, criterion: MaskFrozenCriterion,
+    def __init__(self, *, detector: nn.Module, mask_network: MaskNetwork, criterion: SetCriterion,
                  c1_feature: str = "res2", num_queries: int = 100, mask_threshold: float = 0.5,
                  test_topk: int = 100):
         super().__init__()
@@ -154,27 +170,25 @@ class MaskFrozenDETR(nn.Module):
         self.num_queries = num_queries
         self.mask_threshold = mask_threshold
         self.test_topk = test_topk
+        self.detector_frozen = True
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict:
         m = cfg.MODEL.MASK_FROZEN
+        if m.NUM_QUERIES < 1:
+            raise ValueError(f"MODEL.MASK_FROZEN.NUM_QUERIES must be >= 1 (the detector queries that get a mask), "
+                             f"got {m.NUM_QUERIES}")
         detector = build_frozen_detector(cfg)
         shapes = detector.backbone.output_shape()
         if m.C1_FEATURE not in shapes:
             raise ValueError(f"MODEL.MASK_FROZEN.C1_FEATURE={m.C1_FEATURE!r} is not a backbone output "
                              f"({sorted(shapes)}); add it to MODEL.RESNETS.OUT_FEATURES")
-        d = cfg.MODEL.DETR
-        matcher = HungarianMatcher(
-            {"class": d.CLASS_COST_WEIGHT, "bbox": d.BBOX_COST_WEIGHT, "giou": d.GIOU_COST_WEIGHT},
-            focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
-        criterion = MaskFrozenCriterion(
-            matcher, {"loss_mask": m.MASK_WEIGHT, "loss_dice": m.DICE_WEIGHT, "loss_mask_iou": m.MASK_IOU_WEIGHT},
-            m.NUM_POINTS, m.OVERSAMPLE_RATIO, m.IMPORTANCE_SAMPLE_RATIO)
         c1 = shapes[m.C1_FEATURE]
+        mask_network = build_mask_network(cfg, detector, c1.channels, c1.stride)
         return {
             "detector": detector,
-            "mask_network": build_mask_network(cfg, c1.channels, c1.stride).to(torch.device(cfg.MODEL.DEVICE)),
-            "criterion": criterion,
+            "mask_network": mask_network.to(torch.device(cfg.MODEL.DEVICE)),
+            "criterion": build_mask_frozen_criterion(cfg, detector.matcher, mask_network.region),
             "c1_feature": m.C1_FEATURE,
             "num_queries": m.NUM_QUERIES,
             "mask_threshold": m.TEST.MASK_THRESHOLD,
@@ -185,17 +199,53 @@ class MaskFrozenDETR(nn.Module):
     def device(self) -> torch.device:
         return self.detector.device
 
+    def train(self, mode: bool = True) -> "MaskFrozenDETR":
+        """Train mode for the mask network; the frozen detector stays in eval mode."""
+        super().train(mode)
+        if self.detector_frozen:
+            self.detector.eval()
+        return self
+
+    def unfreeze_detector(self) -> None:
+        """Make the detector trainable and follow ``train()`` again (end-to-end training,
+        e.g. the baseline of tools/benchmark_mask_frozen.py)."""
+        self.detector_frozen = False
+        for p in self.detector.parameters():
+            p.requires_grad_(True)
+        self.detector.train(self.training)
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
+        images = self.detector.preprocess_image(batched_inputs)
         with torch.no_grad():
-            images, features, out = self.detector.detector_outputs(batched_inputs)
-            selected = self.select_queries(out, images.image_sizes)
-        preds = self.mask_network(features[self.c1_feature], out, selected.embeddings, selected.boxes)
+            detected = self.detector.detect(images)
+        preds, selected = self.predict_masks(detected)
         if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            matcher_view = {"pred_logits": selected.logits, "pred_boxes": selected.boxes_normalized}
-            return self.criterion(preds, matcher_view, targets)
+            return self.losses(preds, selected, self.prepare_targets(batched_inputs, images))
         return self.inference(preds, selected, batched_inputs, images)
+
+    def predict_masks(self, detected):
+        """Select the top-N queries of a detector output and run the mask network on them
+        (gradients reach the detector only when it was unfrozen and run with grad)."""
+        out = detected.transformer
+        selected = self.select_queries(out, detected.images.image_sizes)
+        c1 = detected.features[self.c1_feature]
+        return self.mask_network(c1, out, selected.embeddings, selected.boxes), selected
+
+    def losses(self, preds: MaskPredictions, selected: "SelectedQueries",
+               targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """The mask losses of the selected queries: one query set of the shared criterion,
+        matched with the detector's costs on its frozen predictions."""
+        return self.criterion([QuerySet(self.criterion_outputs(preds, selected))], targets)
+
+    def criterion_outputs(self, preds: MaskPredictions, selected: "SelectedQueries") -> Mapping[str, torch.Tensor]:
+        """The selected queries as the criterion reads them (``[B, N, ...]``)."""
+        batch = selected.index.shape[0]
+        outputs = {"pred_logits": selected.logits, "pred_boxes": selected.boxes_normalized,
+                   **self.mask_network.region.criterion_outputs(preds.logits, preds.boxes, batch)}
+        if preds.iou is not None:
+            outputs["pred_mask_iou"] = preds.iou.unflatten(0, (batch, -1))
+        return outputs
 
     def select_queries(self, out, image_sizes) -> SelectedQueries:
         """Top-N one-to-one queries of the last decoder layer by their best class score."""
@@ -214,16 +264,21 @@ class MaskFrozenDETR(nn.Module):
         targets = self.detector.prepare_targets(batched_inputs, images.image_sizes)
         padded_h, padded_w = images.tensor.shape[-2:]
         for target, x in zip(targets, batched_inputs):
-            inst = x["instances"]
-            if not inst.has("gt_masks"):
-                raise KeyError("MaskFrozenDETR training needs 'gt_masks' in the instances: set MODEL.MASK_ON True "
-                               "so the dataset mapper keeps the masks")
-            masks = inst.gt_masks
-            if isinstance(masks, PolygonMasks):
-                masks = BitMasks.from_polygon_masks(masks, *inst.image_size)
-            masks = masks.tensor.to(self.device, torch.bool)
+            masks = self._gt_masks(x)
             target["masks"] = F.pad(masks, (0, padded_w - masks.shape[-1], 0, padded_h - masks.shape[-2]))
         return targets
+
+    def _gt_masks(self, x: Dict) -> torch.Tensor:
+        """``[T, h, w]`` bool GT masks of one input (polygons are rasterised)."""
+        inst = x["instances"]
+        if not inst.has("gt_masks"):
+            raise KeyError(f"MaskFrozenDETR training needs GT masks, but the instances of {x.get('file_name', 'an image')!r} "
+                           "have none: the dataset's annotations carry no 'segmentation' (a boxes-only json?) or "
+                           "the mapper dropped them (MODEL.MASK_ON must be True)")
+        masks = inst.gt_masks
+        if isinstance(masks, PolygonMasks):
+            masks = BitMasks.from_polygon_masks(masks, *inst.image_size)
+        return masks.tensor.to(self.device, torch.bool)
 
     # ------------------------------------------------------------------ inference
     def mask_quality(self, preds: MaskPredictions, rows: slice) -> torch.Tensor:
@@ -235,7 +290,6 @@ class MaskFrozenDETR(nn.Module):
     def inference(self, preds: MaskPredictions, selected: SelectedQueries, batched_inputs: List[Dict],
                   images: ImageList) -> List[Dict]:
         num = selected.index.shape[1]
-        stride = self.mask_network.c1_stride
         results = []
         for b, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
             rows = slice(b * num, (b + 1) * num)
@@ -245,12 +299,7 @@ class MaskFrozenDETR(nn.Module):
             inst.pred_boxes = Boxes(selected.boxes[b][order])
             inst.scores = scores
             inst.pred_classes = labels
-            logits = preds.logits[rows][order]
-            if preds.region == "box":
-                inst.pred_masks = logits.sigmoid()  # [n, 1, S, S], pasted into the boxes at the output size
-            else:
-                full = F.interpolate(logits, scale_factor=stride, mode="bilinear", align_corners=False)
-                inst.pred_mask_probs = full[:, 0, :h, :w].sigmoid()
+            self.mask_network.region.attach(inst, preds.logits[rows][order])
             out_h, out_w = x.get("height", h), x.get("width", w)
             results.append({"instances": instances_to_output_size(inst, out_h, out_w, self.mask_threshold)})
         return results

@@ -13,7 +13,7 @@ Modes (``MODEL.MASK_FROZEN.QUERY_ENCODER.NAME``), each layer applying in order:
 import torch
 from torch import nn
 
-from maskfrozen.layers.transformer_blocks import FFN
+from maskfrozen.layers.attention import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 
 from .box_encoder import roi_position_embedding
 
@@ -23,27 +23,24 @@ QUERY_ENCODERS = ("none", "cross", "cross_self", "cross_self_ffn")
 
 
 class QueryEncoderLayer(nn.Module):
-    """[object-to-object self-attn] -> box-to-object cross-attn -> [FFN], post-norm."""
+    """[object-to-object self-attn] -> box-to-object cross-attn -> [FFN], post-norm
+    (the shared sub-layers)."""
 
     def __init__(self, dim: int, roi_dim: int, nhead: int, self_attn: bool, ffn: bool, dim_feedforward: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, nhead, batch_first=True) if self_attn else None
-        self.norm_self = nn.LayerNorm(dim) if self_attn else None
-        self.cross_attn = nn.MultiheadAttention(dim, nhead, kdim=roi_dim, vdim=roi_dim, batch_first=True)
-        self.norm_cross = nn.LayerNorm(dim)
-        self.ffn = FFN(dim, dim_feedforward, 0.0, "relu") if ffn else None
-        self.norm_ffn = nn.LayerNorm(dim) if ffn else None
+        self.self_attn = SelfAttentionLayer(dim, nhead) if self_attn else None
+        self.cross_attn = CrossAttentionLayer(dim, nhead, memory_dim=roi_dim)
+        self.ffn = FFNLayer(dim, dim_feedforward) if ffn else None
 
     def forward(self, queries: torch.Tensor, roi_tokens: torch.Tensor, roi_pos: torch.Tensor) -> torch.Tensor:
-        """``queries [B, N, C]``, ``roi_tokens [B*N, S*S, C_r]`` -> ``[B, N, C]``."""
+        """``queries [B, N, C]``, ``roi_tokens [B*N, S*S, C_r]`` -> ``[B, N, C]``: each
+        query attends only to the tokens of its own box."""
         b, n, c = queries.shape
         if self.self_attn is not None:
-            queries = self.norm_self(queries + self.self_attn(queries, queries, queries, need_weights=False)[0])
-        q = queries.reshape(b * n, 1, c)
-        attn = self.cross_attn(q, roi_tokens + roi_pos, roi_tokens, need_weights=False)[0]
-        queries = self.norm_cross(q + attn).view(b, n, c)
+            queries = self.self_attn(queries)
+        queries = self.cross_attn(queries.reshape(b * n, 1, c), roi_tokens, memory_pos=roi_pos).view(b, n, c)
         if self.ffn is not None:
-            queries = self.norm_ffn(self.ffn(queries))
+            queries = self.ffn(queries)
         return queries
 
 

@@ -1,5 +1,6 @@
-"""Box-region helpers of Mask Frozen-DETR: RoIAlign per query, the map from a box's
-RoI frame to the image, pasting and mask IoU.
+"""Box-region helpers of Mask Frozen-DETR: RoIAlign per query, pasting and mask IoU
+(the map from a box's RoI frame to the image is the shared
+``criterion.point_sampling.box_points_to_image``).
 
 Coordinate convention (detectron2's): pixel ``(i, j)`` covers ``[j, j+1] x [i, i+1]``
 in continuous image coordinates; RoIAlign uses ``aligned=True`` and pasting samples
@@ -12,7 +13,7 @@ import torch
 from detectron2.layers import paste_masks_in_image
 from torchvision.ops import roi_align
 
-__all__ = ["roi_align_per_query", "roi_align_per_mask", "box_points_to_image", "paste_roi_masks", "mask_iou"]
+__all__ = ["roi_align_per_query", "roi_align_per_mask", "paste_roi_masks", "mask_iou"]
 
 
 def roi_align_per_query(features: torch.Tensor, boxes: torch.Tensor, output_size: int, spatial_scale: float,
@@ -34,16 +35,6 @@ def roi_align_per_mask(maps: torch.Tensor, boxes: torch.Tensor, output_size: int
     rois = torch.cat([index, boxes.to(maps.dtype)], 1)
     return roi_align(maps[:, None], rois, (output_size, output_size), spatial_scale, sampling_ratio=sampling_ratio,
                      aligned=True)
-
-
-def box_points_to_image(coords: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
-    """Points given in each box's frame (``[M, P, 2]`` normalised ``(x, y)``, (0, 0) =
-    the box's top-left corner) -> normalised coordinates of an ``(H, W)`` image."""
-    height, width = image_size
-    origin = boxes[:, None, :2]
-    size = (boxes[:, None, 2:] - boxes[:, None, :2]).clamp(min=0)
-    scale = torch.tensor([width, height], dtype=coords.dtype, device=coords.device)
-    return (origin + coords * size) / scale
 
 
 def paste_roi_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
