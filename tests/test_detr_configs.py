@@ -82,3 +82,16 @@ def test_any_width_resnet_matches_detectron2_and_narrows():
     cfg.MODEL.RESNETS.RES5_DILATION = 2
     with pytest.raises(ValueError, match="RES5_DILATION"):
         build_resnet_any_width_backbone(cfg, ShapeSpec(channels=3))
+
+
+def test_former_meta_arch_name_still_builds_the_family(tmp_path):
+    """Configs that name the meta-arch by its former name ("DeformableDETR") load and
+    build the same model (an alias subclass); its state_dict keys are unchanged."""
+    from maskfrozen.modeling.detr import DeformableDETRFamily
+
+    cfg = load(os.path.join(REPO, "configs", "shapes", "detr", "dino_R18_tiny.yaml"))
+    new = build_model(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "DeformableDETR"
+    old = build_model(cfg)
+    assert isinstance(old, DeformableDETRFamily) and type(old).__name__ == "DeformableDETR"
+    assert old.state_dict().keys() == new.state_dict().keys()

@@ -1,4 +1,5 @@
 """Engine parts on hand-made models: parameter groups, clipping, freezing, checkpoints."""
+import copy
 import os
 
 import pytest
@@ -8,6 +9,7 @@ from torch import nn
 
 import maskfrozen
 from maskfrozen.engine import AtomicCheckpointer, build_optimizer, build_param_groups, freeze_by_patterns
+from maskfrozen.engine.freeze import unpin_eval_mode
 from maskfrozen.engine.trainer import amp_enabled
 
 
@@ -85,6 +87,14 @@ def test_freezing_by_pattern_excludes_params_and_pins_eval():
     model.train()
     assert not model.backbone.training and not model.backbone[1].training
     assert model.head.training
+    # a real class override (no instance attribute), kept by deepcopy, undone by unpin
+    assert "train" not in vars(model.backbone) and isinstance(model.backbone, nn.Sequential)
+    copy_of_model = copy.deepcopy(model)
+    copy_of_model.train()
+    assert not copy_of_model.backbone.training
+    unpin_eval_mode(model.backbone)
+    model.train()
+    assert type(model.backbone) is nn.Sequential and model.backbone.training
 
 
 @pytest.mark.parametrize("patterns, message", [(["backbne"], "match no parameter"), (["("], "invalid regex")])
