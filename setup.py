@@ -6,9 +6,18 @@ kernels. The C++ CPU kernel is always built. The CUDA kernel is added when a CUD
 toolkit is found and torch sees a GPU (or ``FORCE_CUDA=1``); ``FORCE_CUDA=0`` disables
 it. Building nothing compiled is possible too (``MASKFROZEN_NO_EXT=1``): the op then
 falls back to its pure-PyTorch reference at run time.
+
+The extension is compiled against the torch of the installing environment, so pip must
+see that torch: install torch first, then
+
+    pip install --no-build-isolation .        (or -e . for a development checkout)
+
+pip's default build isolation hides it; the build then stops with a message saying so.
 """
 import glob
 import os
+import sys
+from types import ModuleType
 
 from setuptools import find_packages, setup
 
@@ -16,7 +25,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("maskfrozen", "ops", "csrc")
 
 
+NO_TORCH_MESSAGE = """\
+maskfrozen: cannot build the compiled op maskfrozen._C: torch is not importable at build time
+({error}).
+The extension is compiled against the torch of the environment you install into, and pip's
+build isolation hides that torch. Install torch first, then run
+    pip install --no-build-isolation .        (or: pip install --no-build-isolation -e .)
+To install without the compiled op (pure-PyTorch fallback, slower): MASKFROZEN_NO_EXT=1 pip install ."""
+
+
+def _import_torch_extension_tools() -> ModuleType:
+    """torch.utils.cpp_extension, or exit with what to do when torch is missing (build isolation)."""
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    except ImportError as e:
+        sys.exit(NO_TORCH_MESSAGE.format(error=f"{type(e).__name__}: {e}"))
+    return cpp_extension
+
+
 def _want_cuda(cuda_home) -> bool:
+    """Whether to add the CUDA kernel (FORCE_CUDA, else a toolkit and a visible GPU)."""
     forced = os.environ.get("FORCE_CUDA")
     if forced is not None:
         return forced == "1"
@@ -27,11 +55,11 @@ def _want_cuda(cuda_home) -> bool:
     return cuda_home is not None and torch.version.cuda is not None and torch.cuda.is_available()
 
 
-def get_extensions():
+def get_extensions() -> list:
     """The C++ (and, when possible, CUDA) extension ``maskfrozen._C``."""
     if os.environ.get("MASKFROZEN_NO_EXT") == "1":
         return []
-    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+    cpp_extension = _import_torch_extension_tools()
 
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
@@ -41,10 +69,10 @@ def get_extensions():
     # -fopenmp the kernels would silently run on one thread.
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros = []
-    extension = CppExtension
+    extension = cpp_extension.CppExtension
     extra_compile_args = {"cxx": cxx_flags}
-    if _want_cuda(CUDA_HOME):
-        extension = CUDAExtension
+    if _want_cuda(cpp_extension.CUDA_HOME):
+        extension = cpp_extension.CUDAExtension
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
@@ -60,12 +88,12 @@ def get_extensions():
     ]
 
 
-def get_cmdclass():
+def get_cmdclass() -> dict:
+    """torch's BuildExtension (ninja) as ``build_ext``, unless no extension is built."""
     if os.environ.get("MASKFROZEN_NO_EXT") == "1":
         return {}
-    from torch.utils.cpp_extension import BuildExtension
-
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    build_extension = _import_torch_extension_tools().BuildExtension
+    return {"build_ext": build_extension.with_options(use_ninja=True)}
 
 
 setup(

@@ -1,7 +1,11 @@
 """Checkpoint converter: a synthetic detrex DINO state_dict (names and shapes written out
 here, independently of the converter's table) converts, loads strictly and reproduces
-its tensors; shape mismatches are refused; 91-class heads are sliced to 80."""
+its tensors; shape mismatches are refused; 91-class heads are sliced to 80. The CLI refuses
+a conversion that maps too little and files that are not checkpoints, naming the real cause,
+and writes nothing then."""
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -86,9 +90,9 @@ def test_detrex_dino_round_trip():
     assert missing == []
     checks = {
         "transformer.encoder.layers.0.ffns.0.layers.0.0.weight": "transformer.encoder.layers.0.ffn.linear1.weight",
-        "transformer.decoder.layers.1.norms.0.weight": "transformer.decoder.layers.1.norm1.weight",
-        "transformer.decoder.layers.1.attentions.0.attn.in_proj_weight": "transformer.decoder.layers.1.self_attn.in_proj_weight",
-        "transformer.decoder.layers.0.attentions.1.sampling_offsets.weight": "transformer.decoder.layers.0.cross_attn.sampling_offsets.weight",
+        "transformer.decoder.layers.1.norms.0.weight": "transformer.decoder.layers.1.self_attn.norm.weight",
+        "transformer.decoder.layers.1.attentions.0.attn.in_proj_weight": "transformer.decoder.layers.1.self_attn.attn.in_proj_weight",
+        "transformer.decoder.layers.0.attentions.1.sampling_offsets.weight": "transformer.decoder.layers.0.cross_attn.attn.sampling_offsets.weight",
         "class_embed.2.bias": "transformer.class_embed.2.bias",
         "label_enc.weight": "denoising.label_enc.weight",
     }
@@ -122,7 +126,7 @@ def test_original_repo_names_and_91_class_slicing():
     assert "backbone.res3.0.shortcut.norm.running_var" in converted
     assert "backbone.res2.1.conv2.norm.weight" in converted
     assert "neck.extra_convs.0.norm.bias" in converted
-    assert "transformer.decoder.layers.0.norm1.weight" in converted  # self-attn norm
+    assert "transformer.decoder.layers.0.self_attn.norm.weight" in converted  # self-attn norm
     head = converted["transformer.class_embed.0.bias"]
     ids = coco_contiguous_ids()
     assert head.shape == (80,) and head.tolist() == [float(i) for i in ids] and ids[:3] == [1, 2, 3] and ids[-1] == 90
@@ -156,5 +160,117 @@ def test_original_dino_encoder_heads_and_label_embedding():
     assert converted["transformer.class_embed.6.bias"].shape == (80,)
     assert "transformer.bbox_embed.6.layers.2.weight" in converted
     assert converted["denoising.label_enc.weight"][:, 0].tolist() == [float(i) for i in coco_contiguous_ids()]
-    assert "transformer.decoder.layers.2.cross_attn.value_proj.weight" in converted
+    assert "transformer.decoder.layers.2.cross_attn.attn.value_proj.weight" in converted
     assert report.unused_source_keys == []
+
+
+# ---- errors of the CLI: nothing written, the real cause named ------------------------------
+
+def _converter():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_checkpoint
+
+    return convert_checkpoint
+
+
+def _cli_error(tmp_path, src, *extra):
+    """main()'s SystemExit message for ``src``; asserts that nothing was written."""
+    out = tmp_path / "out" / "converted.pth"
+    with pytest.raises(SystemExit) as info:
+        _converter().main(["--format", "detrex", "--config-file", TINY, *extra, str(src), str(out)])
+    message = str(info.value.code)
+    assert message.startswith("convert_checkpoint.py: error: ") and f"nothing written to {str(out)!r}" in message
+    assert not out.parent.exists() or os.listdir(out.parent) == []
+    return message
+
+
+def test_cli_wrong_format_is_an_error_naming_the_counts(tmp_path):
+    cfg, model = _tiny_dino()
+    target = model.state_dict()
+    shared = {k: v for k, v in target.items() if k.startswith(("backbone.", "neck.")) and "num_batches" not in k}
+    source = detrex_dino_state_dict(cfg, shared)
+    src = tmp_path / "detrex.pth"
+    torch.save({"model": source}, src)
+    out = tmp_path / "out.pth"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "--format", "original",
+                          "--config-file", TINY, str(src), str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    n_model = len([k for k in target if not k.endswith("num_batches_tracked")])
+    n_source = len(source)
+    converted = int(re.search(r"only (\d+) of the model's", run.stderr).group(1))
+    assert converted < n_model / 2
+    assert f"only {converted} of the model's {n_model} keys got a value" in run.stderr
+    assert f"of the checkpoint's {n_source} tensors mapped with --format original" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_cli_zero_tensors_mapped_is_an_error(tmp_path):
+    src = tmp_path / "other.pth"
+    torch.save({"model": {"some.other.model.weight": torch.zeros(3)}}, src)
+    message = _cli_error(tmp_path, src)
+    assert "only 0 of the model's" in message and "0 of the checkpoint's 1 tensors mapped" in message
+    assert "1 checkpoint keys unused, e.g. some.other.model.weight" in message and "lower --min-coverage" in message
+
+
+def test_cli_min_coverage_accepts_a_partial_checkpoint(tmp_path):
+    cfg, model = _tiny_dino()
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.") and "num_batches" not in k}
+    src = tmp_path / "backbone_only.pth"
+    torch.save({"model": backbone}, src)
+    assert "of the model's" in _cli_error(tmp_path, src, "--min-coverage", "0.9")
+    out = tmp_path / "partial.pth"
+    report = _converter().main(["--format", "detrex", "--config-file", TINY, "--min-coverage", "0",
+                                str(src), str(out)])
+    assert len(report.renamed) == len(backbone) and out.is_file()
+
+
+@pytest.mark.parametrize("content, allow_pickle, cause", [
+    (b"", False, "is empty (0 bytes)"),
+    (b"not a checkpoint at all\n" * 4, True, "is not a torch checkpoint: it starts with b'not a ch'"),
+    (b"not a checkpoint at all\n" * 4, False, "is not a torch checkpoint"),
+    (b"\x80\x02garbage", True, "cannot load"),
+])
+def test_cli_non_checkpoint_names_the_real_cause(tmp_path, content, allow_pickle, cause):
+    src = tmp_path / "file.bin"
+    src.write_bytes(content)
+    message = _cli_error(tmp_path, src, *(["--allow-pickle"] if allow_pickle else []))
+    assert cause in message and "file.bin" in message
+    assert "--allow-pickle" not in message
+
+
+def test_cli_pickled_objects_suggest_allow_pickle_only_without_it(tmp_path):
+    import argparse
+    import zipfile
+
+    src = tmp_path / "original.pth"
+    torch.save({"args": argparse.Namespace(lr=1), "model": {"w": torch.zeros(1)}}, src)
+    message = _cli_error(tmp_path, src)
+    assert "pass --allow-pickle" in message and "argparse.Namespace" in message
+    # with --allow-pickle it loads: the remaining error is the real one (nothing maps)
+    assert "only 0 of the model's" in _cli_error(tmp_path, src, "--allow-pickle")
+    archive = tmp_path / "not_torch.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a.txt", "x")
+    message = _cli_error(tmp_path, archive, "--allow-pickle")
+    assert "cannot load" in message and "--allow-pickle" not in message
+    torch.save([torch.zeros(1)], src)
+    assert "holds a list, not a dict of model tensors" in _cli_error(tmp_path, src)
+
+
+def test_cli_output_is_world_readable_and_not_the_input(tmp_path):
+    cfg, model = _tiny_dino()
+    shared = {k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "neck.")) and "num_batches" not in k}
+    src = tmp_path / "detrex.pth"
+    torch.save({"model": detrex_dino_state_dict(cfg, shared)}, src)
+    old = os.umask(0o022)
+    try:
+        _converter().main(["--format", "detrex", "--config-file", TINY, str(src), str(tmp_path / "out.pth")])
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out.pth").st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["detrex.pth", "out.pth"]
+    before = src.read_bytes()
+    with pytest.raises(SystemExit, match="is the input checkpoint"):
+        _converter().main(["--format", "detrex", "--config-file", TINY, str(src), str(src)])
+    assert src.read_bytes() == before

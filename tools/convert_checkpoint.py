@@ -8,11 +8,15 @@ original Deformable-DETR / H-DETR / DINO repos) to maskfrozen's ``DeformableDETR
 The model built from the config gives the target names and shapes: a shape mismatch
 stops the conversion with the list of offending keys; unused checkpoint keys and
 model keys left without a value are printed (``--strict`` makes the latter an error).
+A conversion that fills fewer than ``--min-coverage`` (default half) of the model's keys
+(a wrong ``--format``, a checkpoint of another model) is an error too. On any error the
+exit status is 1 and nothing is written; the output is written atomically.
 The output loads with ``MODEL.WEIGHTS out.pth``.
 """
 import argparse
 import os
 import sys
+from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,54 +24,54 @@ import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import maskfrozen  # noqa: E402,F401  (registers the models)
+from maskfrozen.checkpoint import (  # noqa: E402
+    KEY_TABLES, ConversionCoverageError, ConversionReport, convert_detr_state_dict, load_model_tensors)
 from maskfrozen.config import load_config  # noqa: E402
-from maskfrozen.checkpoint import KEY_TABLES, convert_detr_state_dict  # noqa: E402
+from maskfrozen.engine.checkpointer import atomic_write  # noqa: E402
 
 
-def load_state_dict(path: str, allow_pickle: bool):
-    """The model tensors of a checkpoint file (``model`` / ``state_dict`` entry or the dict itself)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # torch raises several types for non-tensor pickles
-        raise RuntimeError(
-            f"cannot load {path!r} with weights_only={not allow_pickle} ({type(e).__name__}: {e}). "
-            "Original-repo checkpoints hold argparse objects: pass --allow-pickle if you trust the file."
-        ) from e
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
-            ckpt = ckpt[key]
-            break
-    tensors = {k: v for k, v in ckpt.items() if torch.is_tensor(v)}
-    if not tensors:
-        raise ValueError(f"{path!r} holds no tensors at its top level, 'model' or 'state_dict'")
-    return tensors
-
-
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The converter's command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=sorted(KEY_TABLES))
     parser.add_argument("--config-file", required=True, help="maskfrozen config of the target model")
     parser.add_argument("--strict", action="store_true", help="fail when a model key gets no value")
+    parser.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
+                        help="fail when fewer than this fraction of the model's keys get a value (default 0.5)")
     parser.add_argument("--allow-pickle", action="store_true", help="torch.load with weights_only=False")
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def convert(args: argparse.Namespace) -> ConversionReport:
+    """Load, convert, check and write; raises ValueError / FileNotFoundError before writing."""
+    if os.path.realpath(args.input) == os.path.realpath(args.output):
+        raise ValueError(f"the output {args.output!r} is the input checkpoint: choose another path")
     cfg = load_config(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"
+    source = load_model_tensors(args.input, args.allow_pickle)
     target = build_model(cfg).state_dict()
-
-    converted, report = convert_detr_state_dict(
-        load_state_dict(args.input, args.allow_pickle), args.format, target, cfg.MODEL.DETR.DEC_LAYERS)
+    converted, report = convert_detr_state_dict(source, args.format, target, cfg.MODEL.DETR.DEC_LAYERS)
     print(report.summary())
+    report.check_coverage(args.min_coverage)
     if args.strict and report.unmatched_target_keys:
-        raise SystemExit(f"--strict: {len(report.unmatched_target_keys)} model keys have no value (listed above)")
-    torch.save({"model": converted, "__author__": "maskfrozen tools/convert_checkpoint.py"}, args.output)
+        raise ValueError(f"--strict: {len(report.unmatched_target_keys)} model keys have no value (listed above)")
+    checkpoint = {"model": converted, "__author__": "maskfrozen tools/convert_checkpoint.py"}
+    atomic_write(args.output, lambda f: torch.save(checkpoint, f))
     print(f"wrote {args.output}")
     return report
+
+
+def main(argv: Optional[List[str]] = None) -> ConversionReport:
+    """Run the conversion; an error exits with status 1, its cause, and nothing written."""
+    args = build_parser().parse_args(argv)
+    try:
+        return convert(args)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointFormatError, ConversionCoverageError, shapes
+        hint = " (a partial conversion on purpose: lower --min-coverage)" if isinstance(e, ConversionCoverageError) else ""
+        raise SystemExit(f"convert_checkpoint.py: error: {e}{hint}\nnothing written to {args.output!r}") from e
 
 
 if __name__ == "__main__":

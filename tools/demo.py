@@ -4,10 +4,15 @@
     python tools/demo.py --config-file configs/shapes/mask_rcnn_R18_FPN.yaml \
         --input img1.jpg some_folder/ --output output/overlays MODEL.WEIGHTS model_final.pth
     python tools/demo.py --config-file ... --dataset shapes_val --max-images 8 --output out/
+
+MODEL.WEIGHTS is required (a trained model; --allow-random-weights draws an untrained one on
+purpose). Every input image gets its own overlay <name>.png; images of the same name (from
+different folders) get <name>_1.png, <name>_2.png, ...
 """
 import argparse
 import os
 import sys
+from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,10 +20,11 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 
 import maskfrozen  # noqa: E402,F401
 from maskfrozen.config import load_config  # noqa: E402
-from maskfrozen.engine.visualize import list_images, write_overlays  # noqa: E402
+from maskfrozen.engine.visualize import list_images, weights_problem, write_overlays  # noqa: E402
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", nargs="+", default=[], help="image files and/or folders")
@@ -26,16 +32,22 @@ def parse_args(argv=None):
     parser.add_argument("--max-images", type=int, default=0, help="at most this many images (0: all)")
     parser.add_argument("--output", required=True, help="folder for the overlay PNGs")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="run even without MODEL.WEIGHTS (an untrained, randomly initialised model)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> List[str]:
+    """Write the overlays; returns their paths. Usage errors exit with status 2 and a message."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.input and not args.dataset:
         parser.error("give --input files/folders or --dataset NAME")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
+    problem = weights_problem(cfg)
+    if problem and not (args.allow_random_weights and not cfg.MODEL.WEIGHTS):  # Predictor warns then
+        parser.error(problem)
     paths = list_images(args.input) if args.input else [d["file_name"] for d in DatasetCatalog.get(args.dataset)]
     if args.max_images > 0:
         paths = paths[: args.max_images]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment: pinned torch/torchvision, the
-# runtime dependencies, Detectron2 and maskfrozen in editable mode (with its compiled op).
+# runtime dependencies, Detectron2 and maskfrozen in editable mode (with its compiled op),
+# importable from any directory (checked from outside the repository).
 # Idempotent: each step is skipped when its result is already in place.
 #
 #   VENV=.venv  PYTHON=python3  tools/setup_env.sh
@@ -25,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-PY=$ROOT/$VENV/bin/python
+case $VENV in /*) PY=$VENV/bin/python ;; *) PY=$ROOT/$VENV/bin/python ;; esac
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 deps_hash=$(cat "$CONSTRAINTS" requirements/base.txt "$D2_PATCH" | sha256sum | cut -c1-16)
@@ -60,17 +61,40 @@ PYEOF
   echo "$deps_hash" > "$STAMP"
 fi
 
-# maskfrozen itself, editable; its extension is (re)built in place when a source changed.
-if ! "$PY" -c "import maskfrozen" 2>/dev/null; then
+# maskfrozen itself, editable. The check runs from outside the repository: from its root the
+# current directory alone makes `import maskfrozen` work, installed or not. pip's editable build
+# skips the extension (MASKFROZEN_NO_EXT=1); it is built once, in place, just below.
+maskfrozen_installed() {  # pip metadata present and `import maskfrozen` resolves to this checkout
+  (cd / && "$PY" -I - "$ROOT" 2>/dev/null <<'PYEOF'
+import importlib.metadata, importlib.util, os, sys
+importlib.metadata.distribution("maskfrozen")
+spec = importlib.util.find_spec("maskfrozen")
+want = os.path.realpath(os.path.join(sys.argv[1], "maskfrozen", "__init__.py"))
+sys.exit(0 if spec is not None and os.path.realpath(spec.origin or "") == want else 1)
+PYEOF
+  )
+}
+if ! maskfrozen_installed; then
   log "installing maskfrozen (editable)"
-  "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation --no-deps -e .
+  MASKFROZEN_NO_EXT=1 "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation --no-deps -e .
+  if ! maskfrozen_installed; then
+    echo "[setup] ERROR: after 'pip install -e .', $VENV/bin/python still does not import maskfrozen" \
+      "from $ROOT when run outside the repository" >&2
+    exit 1
+  fi
 fi
 if [ "${MASKFROZEN_NO_EXT:-0}" != "1" ]; then
   newest_src=$(find maskfrozen/ops/csrc -type f -newer maskfrozen/_C.stamp 2>/dev/null | head -1 || true)
-  if [ ! -f maskfrozen/_C.stamp ] || [ -n "$newest_src" ] || [ "$(find setup.py -newer maskfrozen/_C.stamp)" ]; then
+  if [ ! -f maskfrozen/_C.stamp ] || [ -n "$newest_src" ] || [ "$(find setup.py -newer maskfrozen/_C.stamp)" ] \
+      || ! compgen -G "maskfrozen/_C*.so" >/dev/null; then
     log "building maskfrozen._C (C++ CPU kernel; CUDA when a toolkit and FORCE_CUDA allow)"
     MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace
     touch maskfrozen/_C.stamp
   fi
 fi
-log "ready: $("$PY" -c 'import torch, detectron2, maskfrozen; print("torch", torch.__version__, "| detectron2", detectron2.__version__, "| maskfrozen", maskfrozen.__version__)')"
+# the final word is said from outside the repository, as a user's script would import it
+if summary=$(cd / && "$PY" -c 'import torch, detectron2, maskfrozen; print("torch", torch.__version__, "| detectron2", detectron2.__version__, "| maskfrozen", maskfrozen.__version__, "from", maskfrozen.__path__[0])' 2>&1); then
+  log "ready: ${summary##*$'\n'}"
+else
+  log "installed, but 'import maskfrozen' fails: ${summary##*$'\n'}"
+fi

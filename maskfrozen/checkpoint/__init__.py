@@ -1,2 +1,4 @@
 """Converters from public checkpoints to maskfrozen parameter names."""
-from .detr_converter import ConversionReport, KEY_TABLES, coco_contiguous_ids, convert_detr_state_dict  # noqa: F401
+from .detr_converter import (  # noqa: F401
+    KEY_TABLES, ConversionCoverageError, ConversionReport, coco_contiguous_ids, convert_detr_state_dict)
+from .loading import CheckpointFormatError, load_model_tensors  # noqa: F401

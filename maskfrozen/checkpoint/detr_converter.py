@@ -1,5 +1,5 @@
 """Convert public DETR checkpoints (detrex, original Deformable-DETR / H-DETR repos) to
-maskfrozen's ``DeformableDETR`` parameter names.
+maskfrozen's ``DeformableDETRFamily`` parameter names.
 
 Each source format is an explicit table of ``(pattern, replacement)`` rows, tried in
 order; the first matching row renames the key (``None`` drops it: aliases such as
@@ -11,7 +11,9 @@ but the (pos, content) embedding of a one-stage one).
 Checks: every converted tensor must have the target's shape (else ``ValueError``,
 listing every mismatch); 91-row class heads of the original repos (COCO category ids
 0..90) are sliced to detectron2's 80 contiguous classes; the report lists source keys
-left unused and target keys left without a value.
+left unused and target keys left without a value, and how many tensors were converted of
+how many (``ConversionReport.check_coverage`` refuses a conversion that mapped too little:
+the mark of a wrong ``source_format`` or a checkpoint of another model).
 """
 import re
 from dataclasses import dataclass, field
@@ -19,7 +21,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-__all__ = ["ConversionReport", "convert_detr_state_dict", "KEY_TABLES", "coco_contiguous_ids"]
+__all__ = ["ConversionReport", "ConversionCoverageError", "convert_detr_state_dict", "KEY_TABLES",
+           "coco_contiguous_ids"]
 
 Replacement = Union[None, str, Tuple[str, ...], Callable[[re.Match], str]]
 
@@ -36,18 +39,18 @@ DETREX_TABLE: List[Tuple[str, Replacement]] = [
     (r"^transformer\.(level_embeds|tgt_embed\.weight)$", r"transformer.\1"),
     (r"^transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(weight|bias)$",
      r"transformer.\1.\2"),
-    (_ENC + r"attentions\.0\.(.*)$", _ENC_OUT + r"self_attn.\2"),
+    (_ENC + r"attentions\.0\.(.*)$", _ENC_OUT + r"self_attn.attn.\2"),
     (_ENC + r"ffns\.0\.layers\.0\.0\.(weight|bias)$", _ENC_OUT + r"ffn.linear1.\2"),
     (_ENC + r"ffns\.0\.layers\.1\.(weight|bias)$", _ENC_OUT + r"ffn.linear2.\2"),
-    (_ENC + r"norms\.0\.(weight|bias)$", _ENC_OUT + r"norm1.\2"),
-    (_ENC + r"norms\.1\.(weight|bias)$", _ENC_OUT + r"norm2.\2"),
-    (_DEC + r"attentions\.0\.attn\.(.*)$", _DEC_OUT + r"self_attn.\2"),
-    (_DEC + r"attentions\.1\.(.*)$", _DEC_OUT + r"cross_attn.\2"),
+    (_ENC + r"norms\.0\.(weight|bias)$", _ENC_OUT + r"self_attn.norm.\2"),
+    (_ENC + r"norms\.1\.(weight|bias)$", _ENC_OUT + r"ffn.norm.\2"),
+    (_DEC + r"attentions\.0\.attn\.(.*)$", _DEC_OUT + r"self_attn.attn.\2"),
+    (_DEC + r"attentions\.1\.(.*)$", _DEC_OUT + r"cross_attn.attn.\2"),
     (_DEC + r"ffns\.0\.layers\.0\.0\.(weight|bias)$", _DEC_OUT + r"ffn.linear1.\2"),
     (_DEC + r"ffns\.0\.layers\.1\.(weight|bias)$", _DEC_OUT + r"ffn.linear2.\2"),
-    (_DEC + r"norms\.0\.(weight|bias)$", _DEC_OUT + r"norm1.\2"),
-    (_DEC + r"norms\.1\.(weight|bias)$", _DEC_OUT + r"norm2.\2"),
-    (_DEC + r"norms\.2\.(weight|bias)$", _DEC_OUT + r"norm3.\2"),
+    (_DEC + r"norms\.0\.(weight|bias)$", _DEC_OUT + r"self_attn.norm.\2"),
+    (_DEC + r"norms\.1\.(weight|bias)$", _DEC_OUT + r"cross_attn.norm.\2"),
+    (_DEC + r"norms\.2\.(weight|bias)$", _DEC_OUT + r"ffn.norm.\2"),
     (r"^transformer\.decoder\.(ref_point_head\.layers\.\d+|norm)\.(weight|bias)$", r"transformer.decoder.\1.\2"),
     (r"^query_embedding\.weight$", ("transformer.tgt_embed.weight", "transformer.query_embed.weight")),
     (r"^class_embed\.(\d+)\.(weight|bias)$", r"transformer.class_embed.\1.\2"),
@@ -85,14 +88,15 @@ ORIGINAL_DEFORMABLE_TABLE: List[Tuple[str, Replacement]] = [
     (r"^transformer\.level_embed$", "transformer.level_embeds"),
     (r"^transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(weight|bias)$",
      r"transformer.\1.\2"),
-    (_ENC + r"(self_attn\..*)$", _ENC_OUT + r"\2"),
-    (_ENC + r"(norm1|norm2)\.(weight|bias)$", _ENC_OUT + r"\2.\3"),
+    (_ENC + r"self_attn\.(.*)$", _ENC_OUT + r"self_attn.attn.\2"),
+    (_ENC + r"norm1\.(weight|bias)$", _ENC_OUT + r"self_attn.norm.\2"),
+    (_ENC + r"norm2\.(weight|bias)$", _ENC_OUT + r"ffn.norm.\2"),
     (_ENC + r"(linear1|linear2)\.(weight|bias)$", _ENC_OUT + r"ffn.\2.\3"),
-    (_DEC + r"((self_attn|cross_attn)\..*)$", _DEC_OUT + r"\2"),
-    # original decoder: self-attn -> norm2, cross-attn -> norm1, FFN -> norm3
-    (_DEC + r"norm2\.(weight|bias)$", _DEC_OUT + r"norm1.\2"),
-    (_DEC + r"norm1\.(weight|bias)$", _DEC_OUT + r"norm2.\2"),
-    (_DEC + r"norm3\.(weight|bias)$", _DEC_OUT + r"norm3.\2"),
+    (_DEC + r"(self_attn|cross_attn)\.(.*)$", _DEC_OUT + r"\2.attn.\3"),
+    # original decoder: self-attn -> norm2, cross-attn -> norm1, FFN -> norm3 (ours: each sub-layer's .norm)
+    (_DEC + r"norm2\.(weight|bias)$", _DEC_OUT + r"self_attn.norm.\2"),
+    (_DEC + r"norm1\.(weight|bias)$", _DEC_OUT + r"cross_attn.norm.\2"),
+    (_DEC + r"norm3\.(weight|bias)$", _DEC_OUT + r"ffn.norm.\2"),
     (_DEC + r"(linear1|linear2)\.(weight|bias)$", _DEC_OUT + r"ffn.\2.\3"),
     (r"^query_embed\.weight$", ("transformer.tgt_embed.weight", "transformer.query_embed.weight")),
     (r"^class_embed\.(\d+)\.(weight|bias)$", r"transformer.class_embed.\1.\2"),
@@ -126,6 +130,10 @@ def coco_contiguous_ids() -> List[int]:
     return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
 
 
+class ConversionCoverageError(ValueError):
+    """Too few checkpoint tensors were converted (wrong format or another model)."""
+
+
 @dataclass
 class ConversionReport:
     renamed: Dict[str, str] = field(default_factory=dict)  # source key -> target key
@@ -133,9 +141,31 @@ class ConversionReport:
     unused_source_keys: List[str] = field(default_factory=list)  # no table row matched
     unmatched_target_keys: List[str] = field(default_factory=list)  # target keys given no value
     sliced_class_heads: List[str] = field(default_factory=list)
+    source_format: str = ""
+    num_source_tensors: int = 0  # checkpoint tensors considered (num_batches_tracked excluded)
+    num_target_keys: Optional[int] = None  # model keys to fill (num_batches_tracked excluded), when known
+
+    def check_coverage(self, min_fraction: float = 0.5) -> None:
+        """Raise ``ConversionCoverageError`` when no tensor was converted, or fewer than
+        ``min_fraction`` of the model's keys got a value (when the model was given).
+
+        The message says how many tensors mapped of how many, and shows unused keys."""
+        converted = len(self.renamed)
+        if converted > 0 and (self.num_target_keys is None or converted >= min_fraction * self.num_target_keys):
+            return
+        model = f" of the model's {self.num_target_keys} keys" if self.num_target_keys is not None else ""
+        examples = ", ".join(self.unused_source_keys[:3]) or "none"
+        raise ConversionCoverageError(
+            f"only {converted}{model} got a value: {converted} of the checkpoint's {self.num_source_tensors} "
+            f"tensors mapped with --format {self.source_format} (required: {min_fraction:.0%} of the model's keys); "
+            f"{len(self.unused_source_keys)} checkpoint keys unused, e.g. {examples}. "
+            f"Is the format right (one of {sorted(KEY_TABLES)}), and is the checkpoint of this model?")
 
     def summary(self) -> str:
-        lines = [f"converted {len(self.renamed)} tensors, dropped {len(self.dropped_aliases)} aliases"]
+        model = f", {len(self.renamed)} of the model's {self.num_target_keys} keys filled" \
+            if self.num_target_keys is not None else ""
+        lines = [f"converted {len(self.renamed)} of {self.num_source_tensors} checkpoint tensors{model}, "
+                 f"dropped {len(self.dropped_aliases)} aliases"]
         if self.sliced_class_heads:
             lines.append(f"sliced 91 -> 80 classes: {', '.join(self.sliced_class_heads)}")
         for title, keys in (("unused source keys", self.unused_source_keys),
@@ -196,12 +226,13 @@ def convert_detr_state_dict(
         raise ValueError(f"unknown checkpoint format {source_format!r}; expected one of {sorted(KEY_TABLES)}")
     table = KEY_TABLES[source_format]
     target_keys = set(target) if target is not None else None
-    report = ConversionReport()
+    report = ConversionReport(source_format=source_format)
     converted: Dict[str, torch.Tensor] = {}
     mismatches = []
     for key, value in source.items():
         if key.endswith("num_batches_tracked"):
             continue
+        report.num_source_tensors += 1
         matched, new_key = _rename(key, table, target_keys, num_decoder_layers)
         if not matched:
             report.unused_source_keys.append(key)
@@ -226,6 +257,7 @@ def convert_detr_state_dict(
                          "NUM_CLASSES, NUM_QUERIES, HIDDEN_DIM, layers, variant options):\n  " + "\n  ".join(mismatches))
     if target is not None:
         report.unmatched_target_keys = sorted(k for k in target if k not in converted and not k.endswith("num_batches_tracked"))
+        report.num_target_keys = len(report.unmatched_target_keys) + len(converted)
     return converted, report
 
 
