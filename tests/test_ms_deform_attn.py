@@ -389,3 +389,261 @@ def test_module_padding_mask_hides_padded_values():
         layer(query, refs, value, shapes, starts, padding_mask=mask.float())
     with pytest.raises(ValueError, match="reference_points"):
         layer(query, refs[..., :1], value, shapes, starts)
+
+
+# ---------------------------------------------------------------- non-finite inputs
+
+
+def _non_finite_inputs(dtype):
+    """Inputs with NaN / infinite locations and NaN weights on chosen (query, head) pairs.
+    Returns the inputs and the [Len_q, heads] pattern of outputs expected to be NaN."""
+    value, shapes, starts, loc, weights = make_inputs(
+        [(4, 5), (2, 3)], 6, heads=2, dim=3, points=2, batch=1, dtype=dtype, locations="inside", seed=9
+    )
+    nan, inf = float("nan"), float("inf")
+    loc[0, 0, 0, 0, 0, 0] = nan  # query 0, head 0: x is NaN
+    loc[0, 1, 1, 1, 1, 1] = nan  # query 1, head 1: y is NaN
+    loc[0, 2, 0, 1, 0, 0] = inf  # query 2, head 0: x = +inf
+    loc[0, 2, 1, 0, 1, 1] = -inf  # query 2, head 1: y = -inf
+    loc[0, 3, 0, 0, 0] = 5.0  # query 3, head 0: a sample outside the map ...
+    weights[0, 3, 0, 0, 0] = nan  # ... with a NaN weight (0 * NaN = NaN)
+    weights[0, 4, 1, 1, 1] = nan  # query 4, head 1: NaN weight on a sample inside the map
+    pattern = [[True, False], [False, True], [True, True], [True, False], [False, True], [False, False]]
+    return (value, shapes, starts, loc, weights), pattern
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_kernel_propagates_nan_like_reference(dtype):
+    inputs, pattern = _non_finite_inputs(dtype)
+    expected = ms_deform_attn(*inputs, backend="reference")
+    got = ms_deform_attn(*inputs, backend="cpu")
+    # every channel of a poisoned (query, head) is NaN, all others are finite
+    assert expected.view(6, 2, 3).isnan().all(-1).tolist() == pattern
+    assert expected.view(6, 2, 3).isnan().any(-1).tolist() == pattern
+    assert torch.equal(got.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (got[finite] - expected[finite]).abs().max().item() <= tol
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_backward_with_nan_never_hides_it():
+    """Gradients: NaN wherever the reference has NaN, equal where both are finite. The
+    kernel's extra NaNs are only the location gradients of samples at a non-finite
+    coordinate (where grid_sample gives 0 for one component, an artefact)."""
+    inputs, _ = _non_finite_inputs(torch.float64)
+    grad_out = torch.randn(1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    expected = _grads(inputs, "reference", grad_out)
+    got = _grads(inputs, "cpu", grad_out)
+    bad_coordinate = ~torch.isfinite(inputs[3]).all(-1, keepdim=True).expand_as(inputs[3])
+    allowed_extra = {"value": torch.zeros_like(got[0], dtype=torch.bool), "sampling_locations": bad_coordinate,
+                     "attention_weights": torch.zeros_like(got[2], dtype=torch.bool)}
+    for name, g, e in zip(("value", "sampling_locations", "attention_weights"), got, expected):
+        assert bool((g.isnan() | ~e.isnan()).all()), f"{name}: a reference NaN became finite"
+        extra = g.isnan() & ~e.isnan()
+        assert not bool((extra & ~allowed_extra[name]).any()), f"{name}: NaN where the reference is finite"
+        both = ~g.isnan() & ~e.isnan()
+        assert (g[both] - e[both]).abs().max().item() <= 1e-10, name
+    # location gradients: both components of the 4 samples at a bad coordinate and of the
+    # 2 samples with a NaN weight; weight gradients: the 4 samples at a bad coordinate
+    assert int(got[1].isnan().sum()) == 12 and int(got[2].isnan().sum()) == 4
+    # value gradient: NaN only at the in-map corners read with the NaN weight (query 4, head 1)
+    assert torch.equal(got[0].isnan(), expected[0].isnan())
+    assert got[0].isnan().nonzero()[:, 2].unique().tolist() == [1]
+
+
+# ---------------------------------------------------------------- custom ops (torch.library)
+
+
+def _op_args(dtype, requires_grad):
+    value, shapes, starts, loc, weights = make_inputs(
+        [(3, 4), (2, 3)], 5, heads=2, dim=3, points=2, batch=2, dtype=dtype, locations="inside", seed=8
+    )
+    for t in (value, loc, weights):
+        t.requires_grad_(requires_grad)
+    return value, shapes, starts, loc, weights
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_custom_ops_pass_opcheck(dtype):
+    args = _op_args(dtype, requires_grad=True)
+    forward = torch.ops.maskfrozen.ms_deform_attn.default
+    results = torch.library.opcheck(forward, args)
+    assert results == {name: "SUCCESS" for name in results} and len(results) == 4
+    out = forward(*args)
+    expected = ms_deform_attn_reference(args[0], args[1], args[3], args[4])
+    assert out.shape == (2, 5, 6) and (out - expected).abs().max().item() <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+    grad_out = torch.randn(2, 5, 6, dtype=dtype, generator=torch.Generator().manual_seed(11))
+    backward_args = tuple(t.detach() for t in args) + (grad_out,)
+    results = torch.library.opcheck(torch.ops.maskfrozen.ms_deform_attn_backward.default, backward_args)
+    assert results == {name: "SUCCESS" for name in results} and len(results) == 4
+    grads = torch.ops.maskfrozen.ms_deform_attn_backward(*backward_args)
+    assert [tuple(g.shape) for g in grads] == [(2, 18, 2, 3), (2, 5, 2, 2, 2, 2), (2, 5, 2, 2, 2)]
+
+
+def test_custom_op_fake_shapes_and_errors():
+    """The fake implementations (used by compile/export) need no build and no values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = _op_args(torch.float32, requires_grad=False)
+    with FakeTensorMode() as mode:
+        value, shapes, starts, loc, weights = (mode.from_tensor(t) for t in real)
+        out = torch.ops.maskfrozen.ms_deform_attn(value, shapes, starts, loc, weights)
+        assert tuple(out.shape) == (2, 5, 6) and out.dtype == torch.float32
+        grad_out = torch.empty(2, 5, 6)
+        grads = torch.ops.maskfrozen.ms_deform_attn_backward(value, shapes, starts, loc, weights, grad_out)
+        assert [tuple(g.shape) for g in grads] == [(2, 18, 2, 3), (2, 5, 2, 2, 2, 2), (2, 5, 2, 2, 2)]
+        with pytest.raises(TypeError, match="int64 spatial_shapes, got torch.int32"):
+            torch.ops.maskfrozen.ms_deform_attn(value, shapes.int(), starts, loc, weights)
+        with pytest.raises(TypeError, match="float32 or float64, got value of torch.float16"):
+            torch.ops.maskfrozen.ms_deform_attn(value.half(), shapes, starts, loc.half(), weights.half())
+        with pytest.raises(ValueError, match=r"attention_weights must have shape \(2, 5, 2, 2, 2\)"):
+            torch.ops.maskfrozen.ms_deform_attn(value, shapes, starts, loc, weights[..., :1])
+        bad_grad = r"grad_output must be torch.float32 \(2, 5, 6\), got torch.float32 \(2, 5, 5\)"
+        with pytest.raises(ValueError, match=bad_grad):
+            torch.ops.maskfrozen.ms_deform_attn_backward(value, shapes, starts, loc, weights, grad_out[..., :5])
+
+
+def test_custom_op_without_build_says_why(monkeypatch):
+    """Without maskfrozen._C the ops stay registered but refuse to run; the wrapper uses the reference."""
+    monkeypatch.setattr(msda_module, "_C", None)
+    monkeypatch.setattr(msda_module, "_C_IMPORT_ERROR", "ImportError: test build missing")
+    args = _op_args(torch.float64, requires_grad=False)
+    with pytest.raises(RuntimeError, match="compiled ops are not available.*test build missing"):
+        torch.ops.maskfrozen.ms_deform_attn(*args)
+    out = ms_deform_attn(*args, backend="reference")
+    assert torch.equal(out, ms_deform_attn_reference(args[0], args[1], args[3], args[4]))
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph_matches_eager():
+    args = _op_args(torch.float64, requires_grad=True)
+
+    def attend(value, shapes, starts, loc, weights):
+        return ms_deform_attn(value, shapes, starts, loc, weights, backend="cpu").tanh()
+
+    eager = attend(*args)
+    eager_grads = torch.autograd.grad(eager.sum(), (args[0], args[3], args[4]))
+    compiled = torch.compile(attend, fullgraph=True)
+    out = compiled(*args)
+    grads = torch.autograd.grad(out.sum(), (args[0], args[3], args[4]))
+    assert out.shape == (2, 5, 6) and (out - eager).abs().max().item() <= 1e-12
+    for g, e in zip(grads, eager_grads):
+        assert (g - e).abs().max().item() <= 1e-12
+
+
+@needs_cpu_kernel
+def test_torch_export_keeps_one_custom_op_node():
+    class Attend(torch.nn.Module):
+        def forward(self, value, shapes, starts, loc, weights):
+            return ms_deform_attn(value, shapes, starts, loc, weights, backend="cpu")
+
+    args = _op_args(torch.float32, requires_grad=False)
+    exported = torch.export.export(Attend(), args)
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.maskfrozen.ms_deform_attn.default) == 1
+    assert torch.equal(exported.module()(*args), ms_deform_attn(*args, backend="cpu"))
+
+
+# ---------------------------------------------------------------- no device sync
+
+
+class _NoHostRead(torch.Tensor):
+    """Stands in for a device tensor: while ``armed``, reading its values from Python
+    (what would be a device-to-host copy and a sync) raises."""
+
+    armed = False
+    READS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__", "__array__", "__eq__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if cls.armed and name in cls.READS:
+            raise AssertionError(f"value read of a device tensor: {name}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _as_device_geometry(monkeypatch, capacity=4):
+    """Make the wrapper treat CPU tensors as device tensors, with a fresh host-copy cache."""
+    cache = msda_module._HostIntCache(capacity=capacity)
+    monkeypatch.setattr(msda_module, "_HOST_INTS", cache)
+    monkeypatch.setattr(msda_module, "_reads_need_sync", lambda device: True)
+    monkeypatch.setattr(_NoHostRead, "armed", False)
+    return cache
+
+
+def test_device_geometry_is_read_once(monkeypatch):
+    cache = _as_device_geometry(monkeypatch)
+    value, shapes, starts, loc, weights = make_inputs([(3, 4), (2, 3)], 5, heads=2, dim=3, points=2, batch=1)
+    expected = ms_deform_attn_reference(value, shapes, loc, weights)
+    shapes, starts = shapes.as_subclass(_NoHostRead), starts.as_subclass(_NoHostRead)
+    backends = ["reference"] + (["cpu"] if HAS_CPU_KERNEL else [])
+    ms_deform_attn(value, shapes, starts, loc, weights, backend=backends[-1])
+    assert cache.reads == 2  # one copy of each geometry tensor
+    monkeypatch.setattr(_NoHostRead, "armed", True)
+    outs = [ms_deform_attn(value, shapes, starts, loc, weights, backend=b) for b in backends for _ in range(2)]
+    assert cache.reads == 2  # later calls read nothing
+    monkeypatch.setattr(_NoHostRead, "armed", False)
+    for out in outs:
+        assert (out.as_subclass(torch.Tensor) - expected).abs().max().item() <= 1e-12
+    # an in-place change bumps the tensor's version: it is read again and the bad value caught
+    shapes[1, 1] = 4
+    with pytest.raises(ValueError, match=r"Len_in=18 tokens but spatial_shapes \[\[3, 4\], \[2, 4\]\] sum to 20"):
+        ms_deform_attn(value, shapes, starts, loc, weights, backend="reference")
+    assert cache.reads == 3
+
+
+def test_host_copy_cache_is_bounded_and_never_confuses_tensors(monkeypatch):
+    cache = _as_device_geometry(monkeypatch, capacity=2)
+    tensors = [torch.tensor([i, i + 1]) for i in range(3)]
+    assert [cache.get(t) for t in tensors] == [[0, 1], [1, 2], [2, 3]]
+    assert cache.reads == 3 and len(cache._entries) == 2
+    assert cache.get(tensors[2]) == [2, 3] and cache.reads == 3  # cached
+    assert cache.get(tensors[0]) == [0, 1] and cache.reads == 4  # evicted, read again
+    # a dead tensor's entry (still cached) never answers for a new tensor, even one that
+    # reuses its id or its memory: the weak reference no longer points at the new object
+    del tensors[0]
+    fresh = torch.tensor([7, 7])
+    assert cache.get(fresh) == [7, 7] and cache.reads == 5
+    assert cache.get(fresh) == [7, 7] and cache.reads == 5
+
+
+@pytest.mark.parametrize("name,match", [
+    ("start_index", r"level_start_index \[1, 13\] is inconsistent with spatial_shapes \[\[3, 4\], \[2, 2\]\]"),
+    ("len_in", r"Len_in=15 tokens but spatial_shapes \[\[3, 4\], \[2, 2\]\] sum to 16"),
+])
+def test_device_geometry_errors_name_the_values(monkeypatch, name, match):
+    _as_device_geometry(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        ms_deform_attn(*_bad(name), backend="reference")
+
+
+def test_non_positive_level_size_is_rejected(monkeypatch):
+    value, shapes, starts, loc, weights = make_inputs([(3, 4), (2, 2)], 5, heads=2, dim=4, points=2, batch=1)
+    shapes = torch.tensor([[3, 4], [0, 2]])
+    for device_path in (False, True):
+        if device_path:
+            _as_device_geometry(monkeypatch)
+        with pytest.raises(ValueError, match=r"spatial_shapes must be positive, got \[\[3, 4\], \[0, 2\]\]"):
+            ms_deform_attn(value, shapes, starts, loc, weights, backend="reference")
+
+
+@needs_cuda
+def test_cuda_wrapper_does_not_sync():
+    """After the first call has copied the level geometry, forward and backward run with
+    CUDA's sync debug mode set to raise on any synchronising call."""
+    value, shapes, starts, loc, weights = make_inputs([(8, 16), (4, 8)], 20, device="cuda", seed=12)
+    for t in (value, loc, weights):
+        t.requires_grad_(True)
+    ms_deform_attn(value, shapes, starts, loc, weights, backend="cuda").sum().backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ms_deform_attn(value, shapes, starts, loc, weights, backend="cuda")
+        out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = ms_deform_attn(value, shapes, starts, loc, weights, backend="reference")
+    assert (out - expected).abs().max().item() <= 1e-10

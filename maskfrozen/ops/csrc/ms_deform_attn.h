@@ -8,7 +8,8 @@
 //   attention_weights  [N, Len_q, M, L, P]
 //   output             [N, Len_q, M * D]
 // Bilinear sampling at (x * W - 0.5, y * H - 0.5) with zeros outside the map, i.e.
-// grid_sample(align_corners=False, padding_mode="zeros").
+// grid_sample(align_corners=False, padding_mode="zeros"). As there, NaN or infinite
+// locations read NaN and NaN weights propagate to the output (see bilinear.h).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -66,7 +66,7 @@ struct Problem {
 template <typename T>
 struct Footprint : BilinearCorners<T> {
   T attn, w, h;
-  bool valid;  // false when no corner lies in the map (the sample reads zeros)
+  bool valid;  // false when the sample reads zeros and cannot carry a NaN (see sample_corners)
 };
 
 template <typename T>
@@ -95,8 +95,9 @@ MSDA_INLINE void query_footprints(const Problem<T>& pb, int64_t n, int64_t q, in
     const int64_t h = pb.level_hw[2 * l], w = pb.level_hw[2 * l + 1];
     const int64_t level_offset = pb.level_start[l] * row;
     for (int64_t p = 0; p < pb.points; ++p, loc += 2, ++attn, ++fp) {
-      fp->valid = bilinear_corners<T>(loc[0] * T(w) - T(0.5), loc[1] * T(h) - T(0.5), h, w, level_offset, row, *fp);
       fp->attn = *attn;
+      fp->valid =
+          sample_corners<T>(loc[0] * T(w) - T(0.5), loc[1] * T(h) - T(0.5), fp->attn, h, w, level_offset, row, *fp);
       if (!fp->valid) continue;
       fp->w = T(w);
       fp->h = T(h);
