@@ -196,6 +196,25 @@ def test_predictor_is_exported_and_takes_grayscale_and_bgra(tmp_path, one_thread
         predictor(gray.astype(np.float32) / 255)
 
 
+def test_predictor_loads_weights_strictly(tmp_path, one_thread):
+    """Its own checkpoint loads exactly; a checkpoint of another model is an error naming
+    the file, unless MODEL.WEIGHTS_ALLOW_PARTIAL."""
+    from maskfrozen.engine.weights import WeightsMismatchError
+
+    cfg = make_cfg(TINY_CONFIG, tmp_path)
+    model = Predictor(cfg).model
+    good = tmp_path / "good.pth"
+    torch.save({"model": {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}}, good)
+    loaded = Predictor(make_cfg(TINY_CONFIG, tmp_path, "MODEL.WEIGHTS", str(good))).model
+    key = "roi_heads.box_predictor.cls_score.bias"
+    torch.testing.assert_close(loaded.state_dict()[key], model.state_dict()[key] + 1)
+    other = tmp_path / "other.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, other)
+    with pytest.raises(WeightsMismatchError, match="other.pth"):
+        Predictor(make_cfg(TINY_CONFIG, tmp_path, "MODEL.WEIGHTS", str(other)))
+    Predictor(make_cfg(TINY_CONFIG, tmp_path, "MODEL.WEIGHTS", str(other), "MODEL.WEIGHTS_ALLOW_PARTIAL", "True"))
+
+
 # ---- 7. file modes and stale temporaries -------------------------------------------------
 
 class _Tiny(torch.nn.Module):

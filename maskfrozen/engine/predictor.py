@@ -4,7 +4,10 @@
 [0, 1] gives garbage predictions without a word, and a grayscale, RGBA, empty array or a
 file path crashes deep inside the model. ``Predictor`` converts what has one meaning
 (grayscale ``HxW`` / ``HxWx1`` and ``HxWx4`` with alpha) to ``HxWx3`` and refuses the rest
-with an error that says what was given and what is expected."""
+with an error that says what was given and what is expected. Its weights load strictly
+(:class:`~maskfrozen.engine.weights.CheckedCheckpointer`: a checkpoint of another model or
+size is an error unless ``MODEL.WEIGHTS_ALLOW_PARTIAL``), and the config's own datasets
+(``DATASETS.COCO_JSON``) and class counts are resolved as training resolved them."""
 import logging
 import os
 from typing import Any, Dict
@@ -12,6 +15,9 @@ from typing import Any, Dict
 import numpy as np
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultPredictor
+
+from ..data.datasets import apply_dataset_config
+from .weights import CheckedCheckpointer
 
 __all__ = ["Predictor", "as_bgr_uint8"]
 
@@ -79,9 +85,15 @@ class Predictor(DefaultPredictor):
     uint8 too, and returns ``{"instances": Instances}`` at the input's size."""
 
     def __init__(self, cfg: CfgNode) -> None:
-        if not cfg.MODEL.WEIGHTS:
+        cfg = apply_dataset_config(cfg).clone()
+        cfg.defrost()
+        weights, cfg.MODEL.WEIGHTS = cfg.MODEL.WEIGHTS, ""
+        super().__init__(cfg)  # builds the model; loads nothing (empty MODEL.WEIGHTS)
+        self.cfg.MODEL.WEIGHTS = weights
+        if not weights:
             logger.warning("MODEL.WEIGHTS is empty: the predictor's model keeps its random initial weights")
-        super().__init__(cfg)
+            return
+        CheckedCheckpointer(self.model, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL).load(weights)
 
     def __call__(self, original_image: Any) -> Dict[str, Any]:
         return super().__call__(as_bgr_uint8(original_image))
