@@ -132,6 +132,7 @@ def add_maskfrozen_config(cfg: CN) -> None:
     add_detr_config(cfg)
     add_mask_frozen_config(cfg)
     add_data_and_weights_config(cfg)
+    add_mask2former_config(cfg)
 
 
 def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
@@ -164,3 +165,54 @@ def add_data_and_weights_config(cfg: CN) -> None:
     # False: MODEL.WEIGHTS must fit the model exactly (missing / unexpected keys or shape mismatches
     # are an error); True: load what fits, e.g. fine-tuning from a backbone-only (.pkl) checkpoint
     cfg.MODEL.WEIGHTS_ALLOW_PARTIAL = False
+
+
+def add_mask2former_config(cfg: CN) -> None:
+    """Query-based mask models (``QuerySegmentor`` meta-arch: Mask2Former, FastInst), with the
+    official Mask2Former key names so its yaml files carry over. Defaults = the COCO instance
+    R50 50-epoch yaml (configs/coco/mask2former/maskformer2_R50_bs16_50ep.yaml); the class count
+    is detectron2's ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` (its default, 54, is left unchanged:
+    the yaml sets 80)."""
+    h = cfg.MODEL.SEM_SEG_HEAD
+    h.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
+    h.MASK_DIM = 256
+    h.TRANSFORMER_ENC_LAYERS = 6
+    h.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    h.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    h.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    h.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD = 1024  # hard-coded 1024 in the official code
+    cfg.MODEL.MASK_FORMER = CN()
+    m = cfg.MODEL.MASK_FORMER
+    m.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    m.DEEP_SUPERVISION = True
+    m.NO_OBJECT_WEIGHT = 0.1
+    m.CLASS_WEIGHT = 2.0
+    m.MASK_WEIGHT = 5.0
+    m.DICE_WEIGHT = 5.0
+    m.HIDDEN_DIM = 256
+    m.NUM_OBJECT_QUERIES = 100
+    m.NHEADS = 8
+    m.DROPOUT = 0.0
+    m.DIM_FEEDFORWARD = 2048
+    m.PRE_NORM = False
+    m.ENFORCE_INPUT_PROJ = False
+    m.SIZE_DIVISIBILITY = 32
+    m.DEC_LAYERS = 10  # official meaning: 9 decoder layers + 1 for the prediction on the learnable queries
+    m.TRAIN_NUM_POINTS = 12544
+    m.OVERSAMPLE_RATIO = 3.0
+    m.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # accepted so official yaml files load; only these values are supported (checked at build)
+    m.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
+    m.ENC_LAYERS = 0
+    m.TEST = CN()
+    m.TEST.INSTANCE_ON = True
+    m.TEST.SEMANTIC_ON = False
+    m.TEST.PANOPTIC_ON = False
+    m.TEST.OVERLAP_THRESHOLD = 0.8  # panoptic only (unused)
+    m.TEST.OBJECT_MASK_THRESHOLD = 0.8  # panoptic only (unused)
+    # sigmoid threshold of a mask pixel (the official code thresholds logits at 0)
+    m.TEST.MASK_THRESHOLD = 0.5
+    # LSJ mapper (INPUT.DATASET_MAPPER_NAME "coco_instance_lsj"): ResizeScale + FixedSizeCrop
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0

@@ -1,0 +1,117 @@
+"""Convert official Mask2Former checkpoints (facebookresearch/Mask2Former ``model_final_*.pkl``
+/ ``.pth``, instance segmentation) to maskfrozen's ``QuerySegmentor`` parameter names.
+
+An explicit table of ``(pattern, replacement)`` rows, tried in order; the first match renames
+the key (``None`` drops it: the criterion's ``empty_weight`` buffer, which our criterion keeps
+as a number). The backbone (detectron2's ResNet / Swin names) is unchanged. Checks as in
+:mod:`.detr_converter`: every converted tensor must have the model's shape (all mismatches
+listed), and the :class:`ConversionReport` lists unused source keys and model keys left
+without a value.
+"""
+import re
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from .detr_converter import ConversionReport
+
+__all__ = ["MASK2FORMER_TABLE", "convert_mask2former_state_dict"]
+
+_PD = r"^sem_seg_head\.pixel_decoder\."
+_ENC = _PD + r"transformer\.encoder\.layers\.(\d+)\."
+_ENC_OUT = r"pixel_decoder.encoder.layers.\1."
+_DEC = r"^sem_seg_head\.predictor\."
+
+
+def _fpn(kind: str):
+    """``adapter_{k}`` / ``layer_{k}`` (1-based, finest first) -> ``{kind}.{k-1}``."""
+    return lambda m: f"pixel_decoder.{kind}.{int(m.group(1)) - 1}.{m.group(2)}"
+
+
+MASK2FORMER_TABLE: List[Tuple[str, object]] = [
+    (r"^backbone\.(.*)$", r"backbone.\1"),
+    (r"^criterion\.empty_weight$", None),
+    # pixel decoder (MSDeformAttnPixelDecoder)
+    (_PD + r"input_proj\.(\d+)\.(0|1)\.(weight|bias)$", r"pixel_decoder.input_proj.\1.\2.\3"),
+    (_PD + r"transformer\.level_embed$", "pixel_decoder.level_embed"),
+    (_ENC + r"self_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)$",
+     _ENC_OUT + r"self_attn.attn.\2.\3"),
+    (_ENC + r"norm1\.(weight|bias)$", _ENC_OUT + r"self_attn.norm.\2"),
+    (_ENC + r"(linear1|linear2)\.(weight|bias)$", _ENC_OUT + r"ffn.\2.\3"),
+    (_ENC + r"norm2\.(weight|bias)$", _ENC_OUT + r"ffn.norm.\2"),
+    (_PD + r"mask_features\.(weight|bias)$", r"pixel_decoder.mask_features.\1"),
+    (_PD + r"adapter_(\d+)\.(weight|bias|norm\.weight|norm\.bias)$", _fpn("lateral_convs")),
+    (_PD + r"layer_(\d+)\.(weight|bias|norm\.weight|norm\.bias)$", _fpn("output_convs")),
+    # transformer decoder (MultiScaleMaskedTransformerDecoder)
+    (_DEC + r"transformer_self_attention_layers\.(\d+)\.self_attn\.(.*)$",
+     r"transformer_decoder.self_attention_layers.\1.attn.\2"),
+    (_DEC + r"transformer_self_attention_layers\.(\d+)\.norm\.(weight|bias)$",
+     r"transformer_decoder.self_attention_layers.\1.norm.\2"),
+    (_DEC + r"transformer_cross_attention_layers\.(\d+)\.multihead_attn\.(.*)$",
+     r"transformer_decoder.cross_attention_layers.\1.attn.\2"),
+    (_DEC + r"transformer_cross_attention_layers\.(\d+)\.norm\.(weight|bias)$",
+     r"transformer_decoder.cross_attention_layers.\1.norm.\2"),
+    (_DEC + r"transformer_ffn_layers\.(\d+)\.(linear1|linear2|norm)\.(weight|bias)$",
+     r"transformer_decoder.ffn_layers.\1.\2.\3"),
+    (_DEC + r"(decoder_norm|class_embed)\.(weight|bias)$", r"transformer_decoder.\1.\2"),
+    (_DEC + r"(query_feat|query_embed|level_embed)\.weight$", r"transformer_decoder.\1.weight"),
+    (_DEC + r"static_query\.weight$", "transformer_decoder.query_feat.weight"),  # checkpoints before v2
+    (_DEC + r"input_proj\.(\d+)\.(weight|bias)$", r"transformer_decoder.input_proj.\1.\2"),
+    (_DEC + r"mask_embed\.layers\.(\d+)\.(weight|bias)$", r"transformer_decoder.mask_embed.layers.\1.\2"),
+]
+
+
+def _rename(key: str) -> Tuple[bool, Optional[str]]:
+    """(matched, new key or None when dropped) by the first matching row."""
+    for pattern, replacement in MASK2FORMER_TABLE:
+        m = re.match(pattern, key)
+        if m is not None:
+            if replacement is None:
+                return True, None
+            return True, replacement(m) if callable(replacement) else m.expand(replacement)
+    return False, None
+
+
+def convert_mask2former_state_dict(
+    source: Mapping[str, torch.Tensor], target: Optional[Mapping[str, torch.Tensor]] = None
+) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+    """Rename an official Mask2Former ``state_dict`` for ``QuerySegmentor``.
+
+    Args:
+        source: the checkpoint's tensors (``model`` entry of the .pkl / .pth).
+        target: the model's state_dict; when given, shapes are checked and the model keys
+            without a value reported.
+    Raises:
+        ValueError: two source keys map to one model key, or any shape mismatch (all listed).
+    """
+    report = ConversionReport(source_format="mask2former")
+    converted: Dict[str, torch.Tensor] = {}
+    origin: Dict[str, str] = {}
+    mismatches = []
+    for key, value in source.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        report.num_source_tensors += 1
+        matched, new_key = _rename(key)
+        if not matched:
+            report.unused_source_keys.append(key)
+        elif new_key is None:
+            report.dropped_aliases.append(key)
+        elif new_key in converted:
+            raise ValueError(f"checkpoint keys {origin[new_key]!r} and {key!r} both map to {new_key!r}")
+        elif target is not None and new_key not in target:
+            report.unused_source_keys.append(f"{key} (-> {new_key}, not in the model)")
+        elif target is not None and tuple(value.shape) != tuple(target[new_key].shape):
+            mismatches.append(f"{key} -> {new_key}: checkpoint {tuple(value.shape)} vs model "
+                              f"{tuple(target[new_key].shape)}")
+        else:
+            converted[new_key], origin[new_key] = value, key
+            report.renamed[key] = new_key
+    if mismatches:
+        raise ValueError("shape mismatch between the checkpoint and the model (check SEM_SEG_HEAD.NUM_CLASSES, "
+                         "NUM_OBJECT_QUERIES, HIDDEN_DIM, DEC_LAYERS, backbone):\n  " + "\n  ".join(mismatches))
+    if target is not None:
+        report.unmatched_target_keys = sorted(k for k in target if k not in converted
+                                              and not k.endswith("num_batches_tracked"))
+        report.num_target_keys = len(report.unmatched_target_keys) + len(converted)
+    return converted, report
