@@ -133,6 +133,7 @@ def add_maskfrozen_config(cfg: CN) -> None:
     add_mask_frozen_config(cfg)
     add_data_and_weights_config(cfg)
     add_mask2former_config(cfg)
+    add_sotr_config(cfg)
 
 
 def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
@@ -216,3 +217,43 @@ def add_mask2former_config(cfg: CN) -> None:
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
+
+
+def add_sotr_config(cfg: CN) -> None:
+    """SOTR (``SOTR`` meta-arch). Defaults = configs/coco/sotr/sotr_R50.yaml (the paper's
+    design with the public code's sizes); SOLOv2/AdelaiDet key names where they exist."""
+    cfg.MODEL.SOTR = CN()
+    s = cfg.MODEL.SOTR
+    s.NUM_CLASSES = 80
+    s.INSTANCE_IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    s.FPN_INSTANCE_STRIDES = [8, 8, 16, 32, 32]  # P2 halved, P6 resized to P5's size
+    s.FPN_SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]  # sqrt(box area), px
+    s.SIGMA = 0.2  # centre region: sigma x half box, at most the 3x3 cells around the centre
+    s.NUM_GRIDS = [40, 36, 24, 16, 12]
+    # twin transformer (shared by all levels); the public code hard-codes 256 / 12 / 8
+    s.DIM = 256  # must equal MODEL.FPN.OUT_CHANNELS
+    s.DEPTH = 12  # SOTR-RT: 2
+    s.NUM_HEADS = 8
+    s.TWIN_MODE = "sequential"  # "sequential": column then row (paper) | "parallel": x + col(x) + row(x) (public code)
+    s.POS_EMBED = True  # learned per-axis position embedding (paper); the public code has none
+    s.LAYER = "hybrid"  # "hybrid": + two 3x3 convs with LeakyReLU (paper's choice) | "pure": + MLP FFN
+    s.PRE_NORM = True  # LayerNorm before each attention (paper Fig. 3); the public code has no norm
+    s.GATE = True  # ReZero scalar gate (init 0) on every branch update (public code)
+    s.DROPOUT = 0.0
+    s.NUM_KERNELS = 256  # D: kernel parameters per cell = mask-feature channels (1x1 dynamic conv)
+    s.PRIOR_PROB = 0.01
+    s.MASK_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # the last one is refined by the transformer
+    s.MASK_CHANNELS = 128
+    s.GN_GROUPS = 32
+    s.SIZE_DIVISIBILITY = 32
+    s.FOCAL_ALPHA = 0.25
+    s.FOCAL_GAMMA = 2.0
+    s.FOCAL_WEIGHT = 1.0
+    s.DICE_WEIGHT = 3.0
+    s.TEST = CN()  # top-k: TEST.DETECTIONS_PER_IMAGE (100)
+    s.TEST.NMS_PRE = 500
+    s.TEST.SCORE_THR = 0.1
+    s.TEST.UPDATE_THR = 0.05
+    s.TEST.MASK_THR = 0.5
+    s.TEST.NMS_KERNEL = "gaussian"  # "gaussian" | "linear" (Matrix NMS)
+    s.TEST.NMS_SIGMA = 2.0

@@ -348,6 +348,7 @@ NUM_CLASSES_KEYS = (
     "MODEL.DETR.NUM_CLASSES",  # DETR family, Mask Frozen-DETR
     "MODEL.ROI_HEADS.NUM_CLASSES",  # detectron2's R-CNNs (Mask R-CNN)
     "MODEL.RETINANET.NUM_CLASSES",  # detectron2's RetinaNet
+    "MODEL.SOTR.NUM_CLASSES",  # SOTR
     "MODEL.SEM_SEG_HEAD.NUM_CLASSES",  # QuerySegmentor (Mask2Former, FastInst)
 )
 
