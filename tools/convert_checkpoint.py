@@ -11,7 +11,9 @@ model keys left without a value are printed (``--strict`` makes the latter an er
 A conversion that fills fewer than ``--min-coverage`` (default half) of the model's keys
 (a wrong ``--format``, a checkpoint of another model) is an error too. On any error the
 exit status is 1 and nothing is written; the output is written atomically.
-The output loads with ``MODEL.WEIGHTS out.pth``.
+The output loads with ``MODEL.WEIGHTS out.pth``. ``--format mask2former`` converts an official
+Mask2Former checkpoint (model-zoo ``.pkl`` with ``--allow-pickle``, or ``.pth``) for
+``QuerySegmentor``, e.g. with ``--config-file configs/coco/mask2former/maskformer2_R50_bs16_50ep.yaml``.
 """
 import argparse
 import os
@@ -26,6 +28,8 @@ from detectron2.modeling import build_model  # noqa: E402
 import maskfrozen  # noqa: E402,F401  (registers the models)
 from maskfrozen.checkpoint import (  # noqa: E402
     KEY_TABLES, ConversionCoverageError, ConversionReport, convert_detr_state_dict, load_model_tensors)
+from maskfrozen.checkpoint.mask2former_converter import (  # noqa: E402
+    convert_mask2former_state_dict, load_mask2former_checkpoint)
 from maskfrozen.config import load_config  # noqa: E402
 from maskfrozen.engine.checkpointer import atomic_write  # noqa: E402
 
@@ -33,7 +37,7 @@ from maskfrozen.engine.checkpointer import atomic_write  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     """The converter's command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=sorted(KEY_TABLES))
+    parser.add_argument("--format", required=True, choices=sorted(KEY_TABLES) + ["mask2former"])
     parser.add_argument("--config-file", required=True, help="maskfrozen config of the target model")
     parser.add_argument("--strict", action="store_true", help="fail when a model key gets no value")
     parser.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
@@ -51,9 +55,13 @@ def convert(args: argparse.Namespace) -> ConversionReport:
         raise ValueError(f"the output {args.output!r} is the input checkpoint: choose another path")
     cfg = load_config(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"
-    source = load_model_tensors(args.input, args.allow_pickle)
+    load = load_mask2former_checkpoint if args.format == "mask2former" else load_model_tensors
+    source = load(args.input, args.allow_pickle)
     target = build_model(cfg).state_dict()
-    converted, report = convert_detr_state_dict(source, args.format, target, cfg.MODEL.DETR.DEC_LAYERS)
+    if args.format == "mask2former":
+        converted, report = convert_mask2former_state_dict(source, target)
+    else:
+        converted, report = convert_detr_state_dict(source, args.format, target, cfg.MODEL.DETR.DEC_LAYERS)
     print(report.summary())
     report.check_coverage(args.min_coverage)
     if args.strict and report.unmatched_target_keys:

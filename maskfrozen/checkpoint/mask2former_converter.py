@@ -8,14 +8,17 @@ as a number). The backbone (detectron2's ResNet / Swin names) is unchanged. Chec
 listed), and the :class:`ConversionReport` lists unused source keys and model keys left
 without a value.
 """
+import pickle
 import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .detr_converter import ConversionReport
+from .loading import CheckpointFormatError, load_model_tensors
 
-__all__ = ["MASK2FORMER_TABLE", "convert_mask2former_state_dict"]
+__all__ = ["MASK2FORMER_TABLE", "convert_mask2former_state_dict", "load_mask2former_checkpoint"]
 
 _PD = r"^sem_seg_head\.pixel_decoder\."
 _ENC = _PD + r"transformer\.encoder\.layers\.(\d+)\."
@@ -115,3 +118,20 @@ def convert_mask2former_state_dict(
                                               and not k.endswith("num_batches_tracked"))
         report.num_target_keys = len(report.unmatched_target_keys) + len(converted)
     return converted, report
+
+
+def load_mask2former_checkpoint(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """The model tensors of an official checkpoint: a detectron2 model-zoo ``.pkl`` (a pickled
+    ``{"model": {name: numpy array}}``, read only with ``allow_pickle``) or a torch file."""
+    if not path.endswith(".pkl"):
+        return load_model_tensors(path, allow_pickle)
+    if not allow_pickle:
+        raise CheckpointFormatError(f"{path!r} is a pickle (detectron2 model zoo .pkl): pass --allow-pickle "
+                                    "(allow_pickle=True) if you trust the file")
+    with open(path, "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    model = data.get("model", data) if isinstance(data, dict) else {}
+    tensors = {k: torch.as_tensor(v) for k, v in model.items() if isinstance(v, (np.ndarray, torch.Tensor))}
+    if not tensors:
+        raise CheckpointFormatError(f"{path!r} holds no arrays at its top level or under 'model'")
+    return tensors
