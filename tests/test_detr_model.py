@@ -114,3 +114,13 @@ def test_default_predictor_and_coco_evaluator(tmp_path):
     assert isinstance(evaluator, COCOEvaluator)
     results = inference_on_dataset(model, Trainer.build_test_loader(cfg, name), evaluator)
     assert set(results) == {"bbox"} and 0.0 <= results["bbox"]["AP"] <= 100.0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("MODEL.DETR.NUM_QUERIES", "0", "MODEL.DETR.NUM_QUERIES must be >= 1, got 0"),
+    ("TEST.DETECTIONS_PER_IMAGE", "0", "TEST.DETECTIONS_PER_IMAGE must be >= 1, got 0"),
+])
+def test_zero_queries_or_detections_is_a_config_error(key, value, message):
+    """NUM_QUERIES 0 used to train only the denoising losses and report AP nan."""
+    with pytest.raises(ValueError, match=message):
+        build_model(tiny_cfg(key, value))

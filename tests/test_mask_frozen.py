@@ -283,3 +283,16 @@ def test_polygon_gt_masks_are_rasterised_into_the_padded_targets(tmp_path):
     inst.remove("gt_masks")
     with pytest.raises(KeyError, match="no 'segmentation'"):
         model.prepare_targets(inputs, images)
+
+
+def test_zero_mask_queries_and_corrupt_detector_weights_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"MODEL.MASK_FROZEN.NUM_QUERIES must be >= 1 .*got 0"):
+        build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.NUM_QUERIES", "0"))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(ValueError, match=r"DETECTOR_WEIGHTS=.*corrupt\.pth.* not a readable PyTorch checkpoint"):
+        build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", str(corrupt)))
+    no_model = tmp_path / "no_model.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, no_model)
+    with pytest.raises(ValueError, match=r"no_model\.pth.*'model' key .*\['state_dict'\]"):
+        build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", str(no_model)))
