@@ -133,6 +133,7 @@ def add_maskfrozen_config(cfg: CN) -> None:
     add_mask_frozen_config(cfg)
     add_data_and_weights_config(cfg)
     add_mask2former_config(cfg)
+    add_co_detr_config(cfg)
     add_sotr_config(cfg)
 
 
@@ -257,3 +258,53 @@ def add_sotr_config(cfg: CN) -> None:
     s.TEST.MASK_THR = 0.5
     s.TEST.NMS_KERNEL = "gaussian"  # "gaussian" | "linear" (Matrix NMS)
     s.TEST.NMS_SIGMA = 2.0
+
+
+def add_co_detr_config(cfg: CN) -> None:
+    """Co-DETR (``maskfrozen/modeling/co_detr``): training-only auxiliary heads + positive
+    queries on any ``DeformableDETRFamily`` detector. Off by default; every other default is
+    the public Co-DINO R50 setting (configs/coco/co_detr/co_dino_R50_5scale_12ep.yaml)."""
+    cfg.MODEL.CO_DETR = CN()
+    c = cfg.MODEL.CO_DETR
+    c.ENABLED = False
+    # K auxiliary heads, each at most once: "atss" (K=1), "faster_rcnn" + "atss" (K=2, the public order);
+    # [] = K=0 (the plain detector). Positive-query group i (loss suffix _pos{i}) belongs to head i.
+    c.AUX_HEADS = ["faster_rcnn", "atss"]
+    c.LAMBDA_1 = 1.0  # positive-query losses
+    c.LAMBDA_2 = 2.0  # encoder (auxiliary-head) losses
+    # the paper's total loss sums lambda_2 * L_enc once per decoder layer (the public configs' num_dec_layer *
+    # lambda_2 factor): aux-head losses x LAMBDA_2 x DEC_LAYERS; False: x LAMBDA_2 only
+    c.ENC_LOSS_PER_DECODER_LAYER = True
+    c.MAX_POSITIVES = 300  # positive queries per head per image (random subset beyond; padding is masked)
+    c.QUERY_FEATURES = False  # + LN(Linear(feature at the positive box)) in the query (Co-Deformable-DETR: True)
+    c.ATSS = CN()
+    c.ATSS.ANCHOR_SCALE = 8.0  # one square anchor of side ANCHOR_SCALE x stride per location
+    c.ATSS.TOPK = 9  # candidates per level per GT
+    c.ATSS.NUM_CONVS = 1
+    c.ATSS.FOCAL_ALPHA = 0.25
+    c.ATSS.FOCAL_GAMMA = 2.0
+    c.ATSS.CLASS_WEIGHT = 1.0
+    c.ATSS.BOX_WEIGHT = 2.0  # GIoU, weighted by the centerness targets
+    c.ATSS.CENTERNESS_WEIGHT = 1.0
+    c.RPN = CN()
+    c.RPN.ANCHOR_SCALE = 4.0  # anchor sides ANCHOR_SCALE x stride x 2^(i / SCALES_PER_OCTAVE)
+    c.RPN.SCALES_PER_OCTAVE = 3
+    c.RPN.ASPECT_RATIOS = [0.5, 1.0, 2.0]
+    c.RPN.IOU_THRESHOLDS = [0.3, 0.7]
+    c.RPN.BATCH_SIZE_PER_IMAGE = 256
+    c.RPN.POSITIVE_FRACTION = 0.5
+    c.RPN.PRE_NMS_TOPK = 4000  # per level
+    c.RPN.POST_NMS_TOPK = 1000
+    c.RPN.NMS_THRESH = 0.7
+    c.RPN.CLASS_WEIGHT = 1.0
+    c.RPN.BOX_WEIGHT = 1.0
+    c.ROI_HEAD = CN()
+    c.ROI_HEAD.POOLER_RESOLUTION = 7
+    c.ROI_HEAD.CANONICAL_BOX_SIZE = 56  # level floor(log2(sqrt(area) / 56)) (mmdet's finest_scale)
+    c.ROI_HEAD.FC_DIM = 1024
+    c.ROI_HEAD.NUM_FC = 2
+    c.ROI_HEAD.BATCH_SIZE_PER_IMAGE = 512
+    c.ROI_HEAD.POSITIVE_FRACTION = 0.25
+    c.ROI_HEAD.IOU_THRESHOLD = 0.5
+    c.ROI_HEAD.CLASS_WEIGHT = 1.0
+    c.ROI_HEAD.BOX_WEIGHT = 10.0  # GIoU on decoded boxes

@@ -17,6 +17,10 @@ frozen one, Co-DETR's auxiliary heads, the benchmarks) instead of reaching into 
 - ``losses(detected, targets)``: the detector's own losses (its query sets through the
   shared criterion); ``query_sets(detected, targets)`` the entries themselves;
 - ``hidden_dim``, ``num_feature_levels``, ``matcher`` (the detector's Hungarian matcher).
+
+Co-DETR (``MODEL.CO_DETR``, off by default) attaches here: the optional ``co_detr`` module
+(:mod:`maskfrozen.modeling.co_detr`) is called only by ``losses`` in training, adding its
+auxiliary-head losses and its positive-query entries; inference never runs it.
 """
 import math
 from dataclasses import dataclass
@@ -79,6 +83,7 @@ class DeformableDETRFamily(nn.Module):
         enc_class_agnostic: bool = True,
         one2many_repeats: int = 6,
         one2many_weight: float = 1.0,
+        co_detr: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -92,6 +97,7 @@ class DeformableDETRFamily(nn.Module):
         self.test_topk = test_topk
         self.enc_class_agnostic = enc_class_agnostic
         self.one2many_repeats, self.one2many_weight = one2many_repeats, one2many_weight
+        self.co_detr = co_detr  # training-only Co-DETR heads (None: off)
         shape = backbone.output_shape()
         strides = [shape[f].stride for f in self.in_features]
         self.level_strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(len(neck.extra_convs))]
@@ -114,6 +120,8 @@ class DeformableDETRFamily(nn.Module):
                              "the detections)")
         if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
             raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
+        from maskfrozen.modeling.co_detr import build_co_detr  # here: co_detr imports this package
+
         matcher = HungarianMatcher(
             {"class": d.CLASS_COST_WEIGHT, "bbox": d.BBOX_COST_WEIGHT, "giou": d.GIOU_COST_WEIGHT},
             focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
@@ -147,6 +155,8 @@ class DeformableDETRFamily(nn.Module):
             "enc_class_agnostic": d.ENC_CLASS_AGNOSTIC,
             "one2many_repeats": d.K_ONE2MANY,
             "one2many_weight": d.LAMBDA_ONE2MANY,
+            "co_detr": build_co_detr(cfg, [shape[f].stride for f in d.IN_FEATURES] + [
+                shape[d.IN_FEATURES[-1]].stride * 2 ** (i + 1) for i in range(num_extra)]),
         }
 
     @property
@@ -235,8 +245,13 @@ class DeformableDETRFamily(nn.Module):
         return sets
 
     def losses(self, detected: DetectorOutputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """The detector's weighted losses (``loss_<term><suffix>[_aux<i>]``)."""
-        return self.criterion(self.query_sets(detected, targets), targets)
+        """The detector's weighted losses (``loss_<term><suffix>[_aux<i>]``); with Co-DETR in
+        training, also its auxiliary-head losses and positive-query entries (``_pos<i>``)."""
+        sets, co_detr_losses = self.query_sets(detected, targets), {}
+        if self.co_detr is not None and self.training:
+            co_detr_losses, positive_sets = self.co_detr(self, detected, targets)
+            sets = sets + positive_sets
+        return {**self.criterion(sets, targets), **co_detr_losses}
 
     # ------------------------------------------------------------------ inference
     def inference(self, out: DeformableTransformerOutput, batched_inputs: List[Dict], image_sizes) -> List[Dict]:

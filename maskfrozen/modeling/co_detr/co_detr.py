@@ -1,0 +1,135 @@
+"""``CoDETR``: collaborative hybrid assignments training (Zong et al., ICCV 2023) for any
+detector of the DETR meta-arch, attached by config (``MODEL.CO_DETR``, see
+:func:`maskfrozen.config.add_co_detr_config`).
+
+Training only, through the detector interface (no patching of the transformer):
+
+1. the :class:`MultiScaleAdapter` turns the encoder memory (``DetectorOutputs.transformer``)
+   into a pyramid (+1 coarser level);
+2. K auxiliary heads with one-to-many assignment run on it (``"atss"``: :class:`ATSSHead`;
+   ``"faster_rcnn"``: :class:`FasterRCNNAuxHead`); their losses, each logged under its own
+   name, are the encoder loss ``lambda_2 * (D if the paper's per-decoder-layer sum else 1)
+   * sum(term weight * term)`` (the paper sums ``lambda_2 L_enc`` once per decoder layer,
+   as the public code's ``num_dec_layer * lambda_2`` factors do);
+3. each head's positive boxes become a positive query group decoded by the detector's own
+   decoder and supervised with the head's assignment (``_pos{i}`` criterion entries,
+   weight ``lambda_1``; :mod:`.positive_queries`).
+
+In eval mode nothing here runs: the detector's ``detect`` and ``inference`` never call
+it, so predictions and the parameters used equal those of the detector without it.
+"""
+import contextlib
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage, get_event_storage
+from torch import nn
+
+from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy
+from maskfrozen.modeling.criterion import QuerySet
+
+from .adapter import MultiScaleAdapter
+from .atss import ATSSHead
+from .positive_queries import PositiveQueryEmbedding, batch_positives, positive_query_set
+from .rcnn import FasterRCNNAuxHead
+
+__all__ = ["CoDETR", "build_co_detr", "AUX_HEAD_TYPES"]
+
+AUX_HEAD_TYPES = ("atss", "faster_rcnn")
+
+
+def _event_storage():
+    """Detectron2's RPN / RoI heads log to the current EventStorage: open a throwaway one
+    when the caller (a test, a benchmark) runs a training step outside a Trainer."""
+    try:
+        get_event_storage()
+        return contextlib.nullcontext()
+    except AssertionError:
+        return EventStorage()
+
+
+class CoDETR(nn.Module):
+    """Adapter + auxiliary heads + positive-query embeddings (see module doc)."""
+
+    def __init__(self, adapter: MultiScaleAdapter, heads: Sequence[nn.Module], head_types: Sequence[str],
+                 query_embeddings: Sequence[PositiveQueryEmbedding], lambda_1: float = 1.0, enc_weight: float = 12.0,
+                 max_positives: int = 300):
+        super().__init__()
+        if len(heads) != len(head_types) or len(heads) != len(query_embeddings):
+            raise ValueError("CoDETR: one head type and one query embedding per head")
+        self.adapter = adapter
+        self.heads = nn.ModuleList(heads)
+        self.head_types = list(head_types)
+        self.query_embeddings = nn.ModuleList(query_embeddings)
+        self.lambda_1, self.enc_weight, self.max_positives = lambda_1, enc_weight, max_positives
+
+    def forward(self, detector, detected, targets: List[Dict[str, torch.Tensor]]
+                ) -> Tuple[Dict[str, torch.Tensor], List[QuerySet]]:
+        """Encoder losses and positive-query entries of a training batch.
+
+        Args:
+            detector: the ``DeformableDETRFamily`` (its ``transformer.decode`` is reused).
+            detected: its ``DetectorOutputs`` for the batch.
+            targets: its ``prepare_targets`` output (labels, normalised cxcywh boxes).
+        """
+        encoded, images = detected.transformer, detected.images
+        features = self.adapter(encoded)
+        gt_boxes, gt_instances = [], []
+        for t, (h, w) in zip(targets, images.image_sizes):
+            boxes = box_cxcywh_to_xyxy(t["boxes"]) * torch.tensor([w, h, w, h], dtype=t["boxes"].dtype,
+                                                                   device=t["boxes"].device)
+            gt_boxes.append(boxes)
+            inst = Instances((h, w))
+            inst.gt_boxes, inst.gt_classes = Boxes(boxes), t["labels"]
+            gt_instances.append(inst)
+        num_gt = sum(len(t["labels"]) for t in targets)
+        losses, sets = {}, []
+        with _event_storage():
+            for i, (kind, head, embedding) in enumerate(zip(self.head_types, self.heads, self.query_embeddings)):
+                if kind == "atss":
+                    head_losses, positives = head(features, gt_boxes, [t["labels"] for t in targets])
+                else:
+                    head_losses, positives = head(images, features, gt_instances)
+                losses.update({k: v * self.enc_weight for k, v in head_losses.items()})
+                queries = batch_positives(positives, images.image_sizes, self.max_positives, detector.hidden_dim)
+                sets.append(positive_query_set(detector, encoded, queries, embedding, f"_pos{i}", self.lambda_1,
+                                               num_gt))
+        return losses, sets
+
+
+def build_co_detr(cfg, level_strides: Sequence[int]):
+    """The :class:`CoDETR` of ``cfg.MODEL.CO_DETR`` for a detector whose encoder levels have
+    ``level_strides``, or None when disabled or without auxiliary heads (K = 0)."""
+    c, d = cfg.MODEL.CO_DETR, cfg.MODEL.DETR
+    if not c.ENABLED or not c.AUX_HEADS:
+        return None
+    unknown = [h for h in c.AUX_HEADS if h not in AUX_HEAD_TYPES]
+    if unknown or len(set(c.AUX_HEADS)) != len(c.AUX_HEADS):
+        raise ValueError(f"MODEL.CO_DETR.AUX_HEADS={list(c.AUX_HEADS)}: each of {AUX_HEAD_TYPES} at most once")
+    adapter = MultiScaleAdapter(d.HIDDEN_DIM, list(level_strides), d.GN_GROUPS)
+    heads = []
+    for kind in c.AUX_HEADS:
+        if kind == "atss":
+            a = c.ATSS
+            heads.append(ATSSHead(
+                d.HIDDEN_DIM, d.NUM_CLASSES, adapter.strides, num_convs=a.NUM_CONVS, num_groups=d.GN_GROUPS,
+                anchor_scale=a.ANCHOR_SCALE, topk=a.TOPK, focal_alpha=a.FOCAL_ALPHA, focal_gamma=a.FOCAL_GAMMA,
+                class_weight=a.CLASS_WEIGHT, box_weight=a.BOX_WEIGHT, centerness_weight=a.CENTERNESS_WEIGHT))
+        else:
+            r, h = c.RPN, c.ROI_HEAD
+            heads.append(FasterRCNNAuxHead(
+                d.HIDDEN_DIM, d.NUM_CLASSES, adapter.strides, num_roi_levels=len(level_strides),
+                rpn_anchor_scale=r.ANCHOR_SCALE, rpn_scales_per_octave=r.SCALES_PER_OCTAVE,
+                rpn_aspect_ratios=r.ASPECT_RATIOS, rpn_iou_thresholds=r.IOU_THRESHOLDS,
+                rpn_batch_size_per_image=r.BATCH_SIZE_PER_IMAGE, rpn_positive_fraction=r.POSITIVE_FRACTION,
+                rpn_pre_nms_topk=r.PRE_NMS_TOPK, rpn_post_nms_topk=r.POST_NMS_TOPK, rpn_nms_thresh=r.NMS_THRESH,
+                rpn_class_weight=r.CLASS_WEIGHT, rpn_box_weight=r.BOX_WEIGHT, pooler_resolution=h.POOLER_RESOLUTION,
+                canonical_box_size=h.CANONICAL_BOX_SIZE, fc_dim=h.FC_DIM, num_fc=h.NUM_FC,
+                roi_batch_size_per_image=h.BATCH_SIZE_PER_IMAGE, roi_positive_fraction=h.POSITIVE_FRACTION,
+                roi_iou_threshold=h.IOU_THRESHOLD, roi_class_weight=h.CLASS_WEIGHT, roi_box_weight=h.BOX_WEIGHT))
+    static = d.QUERY_POS == "static"
+    embeddings = [PositiveQueryEmbedding(d.HIDDEN_DIM, static, c.QUERY_FEATURES) for _ in c.AUX_HEADS]
+    enc_weight = c.LAMBDA_2 * (d.DEC_LAYERS if c.ENC_LOSS_PER_DECODER_LAYER else 1)
+    return CoDETR(adapter, heads, c.AUX_HEADS, embeddings, lambda_1=c.LAMBDA_1, enc_weight=enc_weight,
+                  max_positives=c.MAX_POSITIVES)

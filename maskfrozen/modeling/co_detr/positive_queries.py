@@ -1,0 +1,122 @@
+"""Co-DETR's customised positive queries: each auxiliary head's positive boxes become one
+extra query group that runs through the detector's own decoder (shared weights) and is
+supervised with the head's assignment (a fixed-assignment entry of the shared criterion,
+like DINO's denoising set; no Hungarian matching).
+
+Query of a positive box b (normalised cx, cy, w, h) of head i:
+- content ``LN(Linear_{2d->d}(PE(b)))`` (+ ``LN(Linear_{d->d}(f))`` of its feature f when
+  ``with_features``, Co-Deformable-DETR), the position then recomputed by DINO's decoder
+  from the reference box (``query_pos="dynamic"``, Co-DINO);
+- for a decoder with static query positions (Deformable-DETR / H-DETR),
+  ``LN(Linear_{2d->2d}(PE(b)))`` split into (position, content), plus a learned per-head
+  position embedding (the public code's ``head_pos_embed``, there a scalar by a documented
+  bug, here a d-vector initialised at 0).
+PE is the sine embedding of (x, y, w, h) with d/2 frequencies per coordinate.
+
+Batching and padding: at most ``max_positives`` per image (a random subset beyond, as the
+public code), padded to the batch's largest count. Padded slots are masked as attention
+keys (no positive query sees them) and their class logits are set to -1e4, so they add
+exactly 0 to every loss (the public code pads with background-labelled negatives instead,
+which the paper does not do). An image without positives keeps its padded slots visible to
+each other so its attention stays finite; they are still left out of the losses. The
+group's loss normaliser is its number of positive queries (the public code's).
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from maskfrozen.layers.box_ops import box_xyxy_to_cxcywh
+from maskfrozen.layers.position_encoding import sine_embedding
+from maskfrozen.modeling.criterion import QuerySet
+from maskfrozen.modeling.detr.transformer import DecoderQueries
+
+from .atss import AuxPositives
+
+__all__ = ["PositiveQueryEmbedding", "PositiveQueries", "batch_positives", "positive_query_set"]
+
+PADDED_LOGIT = -1e4  # sigmoid == 0 exactly: a padded slot adds 0 to the focal loss and gets no gradient
+
+
+class PositiveQueryEmbedding(nn.Module):
+    """Box (+ feature) -> (content, static position or None) of one head's queries."""
+
+    def __init__(self, d_model: int, static_position: bool, with_features: bool):
+        super().__init__()
+        out = 2 * d_model if static_position else d_model
+        self.d_model, self.static_position, self.with_features = d_model, static_position, with_features
+        self.pos_proj = nn.Linear(2 * d_model, out)
+        self.pos_norm = nn.LayerNorm(out)
+        if with_features:
+            self.feat_proj = nn.Linear(d_model, d_model)
+            self.feat_norm = nn.LayerNorm(d_model)
+        if static_position:
+            self.head_embed = nn.Parameter(torch.zeros(d_model))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, boxes: torch.Tensor, features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``boxes [N, P, 4]`` normalised cxcywh, ``features [N, P, d]`` -> content, position."""
+        embed = self.pos_norm(self.pos_proj(sine_embedding(boxes, self.d_model // 2, exchange_xy=False)))
+        position = None
+        if self.static_position:
+            position, embed = embed.split(self.d_model, dim=-1)
+            position = position + self.head_embed
+        if self.with_features:
+            embed = embed + self.feat_norm(self.feat_proj(features))
+        return embed, position
+
+
+class PositiveQueries:
+    """One head's positive queries of a batch (P = largest count in the batch, >= 1)."""
+
+    def __init__(self, boxes, features, padded, indices, num_positives):
+        self.boxes: torch.Tensor = boxes  # [N, P, 4] normalised cxcywh (padded slots: a dummy box)
+        self.features: torch.Tensor = features  # [N, P, C]
+        self.padded: torch.Tensor = padded  # [N, P] bool, True = no positive in this slot
+        self.indices: List[Tuple[torch.Tensor, torch.Tensor]] = indices  # per image (slot, GT index)
+        self.num_positives: int = num_positives
+
+    @property
+    def key_padding(self) -> Optional[torch.Tensor]:
+        """Padded slots masked as keys, except in images without any positive."""
+        mask = self.padded & ~self.padded.all(1, keepdim=True)
+        return mask if bool(mask.any()) else None
+
+
+def batch_positives(positives: Sequence[AuxPositives], image_sizes, max_positives: int,
+                    channels: int) -> PositiveQueries:
+    """Cap, normalise (boxes clipped to the unpadded image, then / its size) and pad one
+    head's per-image positives."""
+    device = positives[0].boxes.device if positives else torch.device("cpu")
+    counts = [min(len(p.gt_index), max_positives) for p in positives]
+    num = max(counts + [1])
+    boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(len(positives), num, 1)
+    features = torch.zeros(len(positives), num, channels, device=device)
+    padded = torch.ones(len(positives), num, dtype=torch.bool, device=device)
+    indices = []
+    for b, (p, n, (h, w)) in enumerate(zip(positives, counts, image_sizes)):
+        keep = torch.randperm(len(p.gt_index), device=device)[:n] if len(p.gt_index) > n else slice(None)
+        scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=device)
+        boxes[b, :n] = box_xyxy_to_cxcywh((p.boxes[keep].to(boxes.dtype) / scale).clamp(0.0, 1.0))
+        features[b, :n] = p.features[keep].to(features.dtype)
+        padded[b, :n] = False
+        indices.append((torch.arange(n), p.gt_index[keep].cpu()))
+    return PositiveQueries(boxes, features, padded, indices, sum(counts))
+
+
+def positive_query_set(detector, encoded, queries: PositiveQueries, embedding: PositiveQueryEmbedding,
+                       suffix: str, weight: float, num_gt: int) -> QuerySet:
+    """Run the group through ``detector.transformer.decode`` and describe it as a criterion
+    entry (all decoder layers, fixed indices)."""
+    content, position = embedding(queries.boxes, queries.features)
+    decoder_queries = DecoderQueries(content, queries.boxes, {suffix: slice(0, queries.boxes.shape[1])},
+                                     query_pos=position, padding=queries.key_padding)
+    out = detector.transformer.decode(encoded, decoder_queries)
+    logits = out.pred_logits.masked_fill(queries.padded[None, :, :, None], PADDED_LOGIT)
+    layers = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits, out.pred_boxes)]
+    normalizer = max(queries.num_positives, 1) / max(num_gt, 1)
+    return QuerySet({**layers[-1], "aux_outputs": layers[:-1]}, suffix, indices=queries.indices, weight=weight,
+                    normalizer=normalizer)

@@ -1,0 +1,432 @@
+"""Co-DETR on the DETR meta-arch (maskfrozen/modeling/co_detr): ATSS assignment against a
+hand computation, the adapter's strides, positive queries reaching the decoder in training
+only, bit-identical eval outputs with and without MODEL.CO_DETR, a training step for each K,
+the R-CNN positives' GT indices, masked padding, the public Co-DINO checkpoint converter on a
+synthetic state_dict, and DDP (gloo) replicas with the auxiliary heads on."""
+import math
+import os
+import re
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.utils.events import EventStorage
+from torchvision.ops import box_iou, sigmoid_focal_loss
+
+import maskfrozen  # noqa: F401  (registers the models)
+from maskfrozen.checkpoint import convert_co_detr_state_dict
+from maskfrozen.checkpoint.co_detr_converter import permute_rpn_anchors
+from maskfrozen.config import load_config
+from maskfrozen.modeling.co_detr import AuxPositives, atss_assign, batch_positives, centerness_target
+from maskfrozen.modeling.co_detr.positive_queries import PADDED_LOGIT
+
+from test_detr_model import _inputs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "shapes", "co_detr", "co_dino_R18_tiny.yaml")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_cfg(*opts):
+    return load_config(TINY, opts, freeze=False)
+
+
+# ----------------------------------------------------------------------------- ATSS
+def test_atss_assignment_equals_hand_computation():
+    """Level 0: four 10x10 anchors, level 1: one 20x20 anchor, top-2 per level.
+    GT0 [2,3,12,12] (centre 7,7.5): candidates A0 (d 3.20), A2 (7.76) and A4; IoUs
+    56/134 = .4179, 16/174 = .0920, 90/400 = .2250 -> threshold mean .2450 + std .1639 =
+    .4089: only A0 (centre 5,5 inside). GT1 [10,8,20,20] (centre 15,14): candidates A3 (d 1),
+    A1 (9) and A4; IoUs 100/120 = .8333, 20/200 = .1, 120/400 = .3 -> .4111 + .3791 = .7902:
+    only A3 (centre 15,15 inside)."""
+    level0 = torch.tensor([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20], [10, 10, 20, 20]], dtype=torch.float32)
+    level1 = torch.tensor([[0, 0, 20, 20]], dtype=torch.float32)
+    gt = torch.tensor([[2, 3, 12, 12], [10, 8, 20, 20]], dtype=torch.float32)
+    assert atss_assign([level0, level1], gt, topk=2).tolist() == [0, -1, -1, 1, -1]
+    # a candidate over the threshold whose centre is outside its GT is negative: GT [0,0,4.9,4.9]
+    # has A0 (IoU .24, centre 5,5 just outside) as its best candidate
+    assert atss_assign([level0, level1], torch.tensor([[0.0, 0.0, 4.9, 4.9]]), topk=2).tolist() == [-1] * 5
+    # no GT: every anchor negative
+    assert atss_assign([level0, level1], torch.zeros(0, 4), topk=2).tolist() == [-1] * 5
+    # centerness of anchor centre (5,5) in GT [2,3,12,12]: l,r = 3,7; t,b = 2,7
+    expected = math.sqrt(3 / 7 * 2 / 7)
+    assert centerness_target(level0[:1], gt[:1]).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_rpn_anchor_order_and_converter_permutation():
+    """Detectron2's anchors are size-major; mmdet's ratio-major: index r*S+s of the public
+    rpn_cls channels moves to s*R+r."""
+    gen = DefaultAnchorGenerator(sizes=[[16, 32, 64]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=[8], offset=0.0)
+    cell = gen.generate_cell_anchors((16, 32, 64), (0.5, 1.0, 2.0))
+    wh = cell[:, 2:] - cell[:, :2]
+    assert torch.allclose(wh[1], torch.tensor([16.0, 16.0]))  # index 1 = size 16, ratio 1 (s*R + r)
+    mmdet = torch.arange(9.0)  # value = mmdet index r*3 + s
+    ours = permute_rpn_anchors(mmdet, 3, 3)
+    assert ours.tolist() == [r * 3 + s for s in range(3) for r in range(3)]
+    reg = torch.arange(36.0)  # 4 deltas per anchor stay together
+    assert permute_rpn_anchors(reg, 3, 3).view(9, 4)[1].tolist() == [12.0, 13.0, 14.0, 15.0]
+
+
+# ----------------------------------------------------------------------------- model
+def test_adapter_levels_have_the_expected_strides():
+    model = build_model(tiny_cfg()).eval()
+    adapter = model.co_detr.adapter
+    assert adapter.strides == model.level_strides + [2 * model.level_strides[-1]] == [8, 16, 32, 64, 128]
+    inputs = _inputs(((128, 96), (96, 64)))
+    with torch.no_grad():
+        detected = model.detect(model.preprocess_image(inputs))
+        maps = adapter(detected.transformer)
+    padded = detected.images.tensor.shape[-2:]
+    assert [tuple(m.shape[-2:]) for m in maps] == [
+        (math.ceil(padded[0] / s), math.ceil(padded[1] / s)) for s in adapter.strides]
+    assert all(m.shape[:2] == (2, model.hidden_dim) for m in maps)
+
+
+def _count_decodes(model):
+    calls = []
+    decode = model.transformer.decode
+
+    def spy(encoded, queries):
+        calls.append(queries)
+        return decode(encoded, queries)
+
+    model.transformer.decode = spy
+    return calls
+
+
+def test_positive_queries_reach_the_decoder_in_training_only():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    calls = _count_decodes(model)
+    losses = model(_inputs())
+    assert len(calls) == 3  # the detector's queries, then one group per auxiliary head
+    for i, queries in enumerate(calls[1:]):
+        assert list(queries.query_groups) == [f"_pos{i}"] and queries.reference.shape[-1] == 4
+        assert queries.self_attn_mask is None and queries.query_pos is None  # DINO: dynamic positions
+    for i in range(2):
+        assert {f"loss_{t}_pos{i}" for t in ("class", "bbox", "giou")} <= set(losses)
+        assert {f"loss_{t}_pos{i}_aux0" for t in ("class", "bbox", "giou")} <= set(losses)
+    aux_terms = {"loss_rpn_cls", "loss_rpn_loc", "loss_rcnn_cls", "loss_rcnn_bbox", "loss_atss_cls",
+                 "loss_atss_bbox", "loss_atss_centerness"}
+    assert aux_terms <= set(losses)
+    # the positive-query losses train the shared decoder and the encoder through the memory
+    # (class terms: the box heads' last layers start at zero, so box terms reach the layers later)
+    model.zero_grad()
+    losses["loss_class_pos1"].backward()
+    assert model.transformer.decoder.layers[0].cross_attn.attn.value_proj.weight.grad.abs().sum() > 0
+    assert model.transformer.encoder.layers[0].ffn.linear1.weight.grad.abs().sum() > 0
+
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        out = model(_inputs())
+    assert len(calls) == 1 and set(calls[0].query_groups) == {"one2one"}
+    assert "instances" in out[0]
+
+
+def test_eval_outputs_are_bit_identical_with_and_without_co_detr():
+    torch.manual_seed(0)
+    co = build_model(tiny_cfg()).eval()
+    plain = build_model(tiny_cfg("MODEL.CO_DETR.ENABLED", "False")).eval()
+    assert plain.co_detr is None
+    detector_state = {k: v for k, v in co.state_dict().items() if not k.startswith("co_detr.")}
+    plain.load_state_dict(detector_state, strict=True)
+    inference_params = sum(p.numel() for n, p in co.named_parameters() if not n.startswith("co_detr."))
+    assert inference_params == sum(p.numel() for p in plain.parameters())
+    inputs = _inputs(((64, 64), (48, 64)))
+    with torch.no_grad():
+        a, b = co(inputs), plain(inputs)
+    for x, y in zip(a, b):
+        x, y = x["instances"], y["instances"]
+        assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
+        assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_classes, y.pred_classes)
+
+
+K_VARIANTS = {
+    "K0": ["MODEL.CO_DETR.AUX_HEADS", "[]"],
+    "K1_atss": ["MODEL.CO_DETR.AUX_HEADS", "['atss']"],
+    "K1_rcnn": ["MODEL.CO_DETR.AUX_HEADS", "['faster_rcnn']"],
+    "K2": [],
+    # Co-Deformable-DETR++ style: static query positions, feature term, no denoising
+    "K2_static_features": ["MODEL.DETR.DN_NUMBER", "0", "MODEL.DETR.QUERY_POS", "static",
+                           "MODEL.CO_DETR.QUERY_FEATURES", "True"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(K_VARIANTS))
+def test_each_k_trains_a_step_with_finite_losses(variant):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*K_VARIANTS[variant]))
+    num_heads = {"K0": 0, "K1_atss": 1, "K1_rcnn": 1}.get(variant, 2)
+    assert (model.co_detr is None) == (num_heads == 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with EventStorage():
+        losses = model(_inputs())
+    assert all(torch.isfinite(v).all() for v in losses.values()), {k: float(v) for k, v in losses.items()}
+    assert sum(f"loss_class_pos{i}" in losses for i in range(2)) == num_heads
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    opt.step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("co_detr.") for n in changed) == (num_heads > 0)
+
+
+def test_rcnn_positives_are_assigned_to_their_gt():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("MODEL.CO_DETR.AUX_HEADS", "['faster_rcnn']"))
+    inputs = _inputs(((64, 64), (48, 64)))
+    images = model.preprocess_image(inputs)
+    targets = model.prepare_targets(inputs, images.image_sizes)
+    detected = model.detect(images, targets)
+    head = model.co_detr.heads[0]
+    features = model.co_detr.adapter(detected.transformer)
+    from detectron2.structures import Boxes, Instances
+    gts = []
+    for x in inputs:
+        inst = Instances((x["height"], x["width"]))
+        inst.gt_boxes, inst.gt_classes = Boxes(x["instances"].gt_boxes.tensor.clone()), x["instances"].gt_classes
+        gts.append(inst)
+    with EventStorage():
+        losses, positives = head(images, features, gts)
+    assert all(torch.isfinite(v) for v in losses.values())
+    for p, gt in zip(positives, gts):
+        assert len(p.gt_index) >= len(gt)  # the GT boxes themselves are proposals (append_gt)
+        iou = box_iou(p.boxes, gt.gt_boxes.tensor)[torch.arange(len(p.boxes)), p.gt_index]
+        assert (iou >= 0.5 - 1e-6).all()
+        assert p.features.shape == (len(p.gt_index), model.hidden_dim)
+
+
+def test_positive_batching_caps_normalises_and_masks_padding():
+    c = 8
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 16.0], [16.0, 16.0, 80.0, 48.0], [4.0, 4.0, 8.0, 8.0]])
+    positives = [AuxPositives(boxes, torch.tensor([2, 0, 1]), torch.randn(3, c)),
+                 AuxPositives(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, c))]
+    q = batch_positives(positives, [(32, 64), (64, 64)], max_positives=5, channels=c)
+    assert q.boxes.shape == (2, 3, 4) and q.num_positives == 3
+    # (x0, y0, x1, y1) / (w, h, w, h), clipped to the image, as cxcywh
+    assert torch.allclose(q.boxes[0, 1], torch.tensor([(0.25 + 1.0) / 2, (0.5 + 1.0) / 2, 0.75, 0.5]))
+    assert q.padded.tolist() == [[False] * 3, [True] * 3]
+    assert q.key_padding is None  # image 1 has no positive: its slots stay visible to each other
+    assert [i.tolist() for i in q.indices[0]] == [[0, 1, 2], [2, 0, 1]] and len(q.indices[1][0]) == 0
+    capped = batch_positives(positives, [(32, 64), (64, 64)], max_positives=2, channels=c)
+    assert capped.boxes.shape[1] == 2 and capped.num_positives == 2
+    one_padded = batch_positives(positives[:1] + [AuxPositives(boxes[:1], torch.tensor([0]), torch.zeros(1, c))],
+                                 [(32, 64), (64, 64)], 5, c)
+    assert one_padded.key_padding.tolist() == [[False] * 3, [False, True, True]]
+    # a padded slot's logit adds exactly 0 to the focal loss and gets no gradient
+    logit = torch.tensor([PADDED_LOGIT], requires_grad=True)
+    loss = sigmoid_focal_loss(logit, torch.zeros(1), reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and logit.grad.abs().item() == 0.0
+
+
+# ----------------------------------------------------------------------------- configs
+def _load(*parts, opts=()):
+    return load_config(os.path.join(REPO, "configs", *parts), opts, freeze=False)
+
+
+def test_configs_code_defaults_and_shapes_recipes():
+    from detectron2.config import get_cfg
+
+    from maskfrozen.config import add_maskfrozen_config
+
+    defaults = get_cfg()
+    add_maskfrozen_config(defaults)
+    assert defaults.MODEL.CO_DETR.ENABLED is False  # off by default
+    co_dino = _load("coco", "co_detr", "co_dino_R50_5scale_12ep.yaml")
+    for key, value in defaults.MODEL.CO_DETR.items():  # code defaults = the COCO Co-DINO yaml
+        if key != "ENABLED":
+            assert co_dino.MODEL.CO_DETR[key] == value, key
+    assert co_dino.MODEL.DETR.NUM_FEATURE_LEVELS == 5 and co_dino.MODEL.DETR.NUM_QUERIES == 900
+    co_deform = _load("coco", "co_detr", "co_deformable_detr_R50_12ep.yaml")
+    assert co_deform.MODEL.DETR.QUERY_POS == "static" and co_deform.MODEL.CO_DETR.QUERY_FEATURES
+    # the shapes Co-DINO is the shapes DINO recipe + Co-DETR
+    dino, co = _load("shapes", "detr", "dino_R18.yaml"), _load("shapes", "co_detr", "co_dino_R18.yaml")
+    assert co.MODEL.DETR == dino.MODEL.DETR and co.SOLVER == dino.SOLVER and co.MODEL.CO_DETR.ENABLED
+    # Mask Frozen-DETR on it: the detector of co_dino_R18.yaml, the mask network of the DINO one
+    mf_co, mf_dino = _load("shapes", "mask_frozen_detr", "co_dino_R18.yaml"), _load("shapes", "mask_frozen_detr",
+                                                                                    "dino_R18.yaml")
+    assert mf_co.MODEL.CO_DETR == co.MODEL.CO_DETR and mf_co.MODEL.DETR == co.MODEL.DETR
+    mf_co.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS = mf_dino.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS
+    assert mf_co.MODEL.MASK_FROZEN == mf_dino.MODEL.MASK_FROZEN and mf_co.SOLVER == mf_dino.SOLVER
+    mf_co.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS = ""
+    mf_co.MODEL.MASK_FROZEN.ALLOW_RANDOM_DETECTOR = True
+    model = build_model(mf_co)  # the frozen detector carries the (unused) Co-DETR heads of the checkpoint
+    assert any(n.startswith("detector.co_detr.") for n, _ in model.named_parameters())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("detector."))
+
+
+@pytest.mark.parametrize("name", ["co_dino_R50_5scale_12ep.yaml", "co_deformable_detr_R50_12ep.yaml"])
+def test_coco_configs_build_and_train_a_step(name):
+    """The COCO configs at a small input (the published model, random weights)."""
+    small = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DETR.NUM_QUERIES", "30"]
+    cfg = _load("coco", "co_detr", name, opts=small + (["MODEL.DETR.DN_NUMBER", "4"] if "dino" in name else []))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with EventStorage():
+        losses = model(_inputs(((64, 64), (48, 64))))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert "loss_class_pos1" in losses and "loss_rcnn_bbox" in losses
+
+
+# ----------------------------------------------------------------------------- converter
+def co_dino_public_state_dict(cfg, model):
+    """Public Co-DINO (mmdet) names for the config's sizes, written out here from the mmdet
+    module definitions (the backbone and neck named from ours by torchvision's scheme)."""
+    d, c = cfg.MODEL.DETR, cfg.MODEL.DETR.HIDDEN_DIM
+    ff, lv, h, pts, k = d.DIM_FEEDFORWARD, d.NUM_FEATURE_LEVELS, d.NHEADS, d.ENC_N_POINTS, d.NUM_CLASSES
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(s, generator=g)  # noqa: E731
+    sd = {}
+    for key, v in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        m = re.match(r"backbone\.res(\d)\.(\d+)\.(conv\d|shortcut)(\.norm)?\.(weight|bias|running_mean|running_var)$", key)
+        if m:
+            stage, block, module, norm, param = m.groups()
+            if module == "shortcut":
+                name = "downsample.1" if norm else "downsample.0"
+            else:
+                name = f"bn{module[-1]}" if norm else module
+            sd[f"backbone.layer{int(stage) - 1}.{block}.{name}.{param}"] = r(*v.shape)
+        elif key.startswith("backbone.stem.conv1"):
+            sd[key.replace("backbone.stem.conv1.norm", "backbone.bn1").replace("backbone.stem.conv1", "backbone.conv1")] = r(*v.shape)
+        elif re.match(r"neck\.(convs|extra_convs)\.\d+\.conv\.weight$", key):
+            sd[key] = r(*v.shape)
+        elif re.match(r"neck\..*\.norm\.", key):
+            sd[key.replace(".norm.", ".gn.")] = r(*v.shape)
+    q = "query_head.transformer."
+    sd[q + "level_embeds"] = r(lv, c)
+    sd[q + "query_embed.weight"] = r(d.NUM_QUERIES, c)
+    sd[q + "enc_output.weight"], sd[q + "enc_output.bias"] = r(c, c), r(c)
+    sd[q + "enc_output_norm.weight"], sd[q + "enc_output_norm.bias"] = r(c), r(c)
+
+    def msda(p):
+        sd[p + "sampling_offsets.weight"], sd[p + "sampling_offsets.bias"] = r(h * lv * pts * 2, c), r(h * lv * pts * 2)
+        sd[p + "attention_weights.weight"], sd[p + "attention_weights.bias"] = r(h * lv * pts, c), r(h * lv * pts)
+        for n in ("value_proj", "output_proj"):
+            sd[p + n + ".weight"], sd[p + n + ".bias"] = r(c, c), r(c)
+
+    def ffn_norms(p, n_norms):
+        sd[p + "ffns.0.layers.0.0.weight"], sd[p + "ffns.0.layers.0.0.bias"] = r(ff, c), r(ff)
+        sd[p + "ffns.0.layers.1.weight"], sd[p + "ffns.0.layers.1.bias"] = r(c, ff), r(c)
+        for i in range(n_norms):
+            sd[p + f"norms.{i}.weight"], sd[p + f"norms.{i}.bias"] = r(c), r(c)
+
+    for i in range(d.ENC_LAYERS):
+        msda(q + f"encoder.layers.{i}.attentions.0.")
+        ffn_norms(q + f"encoder.layers.{i}.", 2)
+    for i in range(d.DEC_LAYERS):
+        p = q + f"decoder.layers.{i}."
+        sd[p + "attentions.0.attn.in_proj_weight"], sd[p + "attentions.0.attn.in_proj_bias"] = r(3 * c, c), r(3 * c)
+        sd[p + "attentions.0.attn.out_proj.weight"], sd[p + "attentions.0.attn.out_proj.bias"] = r(c, c), r(c)
+        msda(p + "attentions.1.")
+        ffn_norms(p, 3)
+    sd[q + "decoder.ref_point_head.0.weight"], sd[q + "decoder.ref_point_head.0.bias"] = r(c, 2 * c), r(c)
+    sd[q + "decoder.ref_point_head.2.weight"], sd[q + "decoder.ref_point_head.2.bias"] = r(c, c), r(c)
+    sd[q + "decoder.norm.weight"], sd[q + "decoder.norm.bias"] = r(c), r(c)
+    for i in range(2):  # positive queries: 0 = R-CNN, 1 = ATSS (Co-DINO: with_coord_feat=False)
+        sd[q + f"aux_pos_trans.{i}.weight"], sd[q + f"aux_pos_trans.{i}.bias"] = r(c, 2 * c), r(c)
+        sd[q + f"aux_pos_trans_norm.{i}.weight"], sd[q + f"aux_pos_trans_norm.{i}.bias"] = r(c), r(c)
+    for i in range(d.DEC_LAYERS + 1):
+        sd[f"query_head.cls_branches.{i}.weight"], sd[f"query_head.cls_branches.{i}.bias"] = r(k, c), r(k)
+        for j, out in ((0, c), (2, c), (4, 4)):
+            sd[f"query_head.reg_branches.{i}.{j}.weight"], sd[f"query_head.reg_branches.{i}.{j}.bias"] = r(out, c), r(out)
+    sd["query_head.label_embedding.weight"] = r(k, c)
+    sd["query_head.downsample.0.weight"], sd["query_head.downsample.0.bias"] = r(c, c, 3, 3), r(c)
+    sd["query_head.downsample.1.weight"], sd["query_head.downsample.1.bias"] = r(c), r(c)
+    fc, pool = cfg.MODEL.CO_DETR.ROI_HEAD.FC_DIM, cfg.MODEL.CO_DETR.ROI_HEAD.POOLER_RESOLUTION
+    sd["rpn_head.rpn_conv.weight"], sd["rpn_head.rpn_conv.bias"] = r(c, c, 3, 3), r(c)
+    sd["rpn_head.rpn_cls.weight"], sd["rpn_head.rpn_cls.bias"] = r(9, c, 1, 1), r(9)
+    sd["rpn_head.rpn_reg.weight"], sd["rpn_head.rpn_reg.bias"] = r(36, c, 1, 1), r(36)
+    b = "roi_head.0.bbox_head."
+    sd[b + "shared_fcs.0.weight"], sd[b + "shared_fcs.0.bias"] = r(fc, c * pool * pool), r(fc)
+    sd[b + "shared_fcs.1.weight"], sd[b + "shared_fcs.1.bias"] = r(fc, fc), r(fc)
+    sd[b + "fc_cls.weight"], sd[b + "fc_cls.bias"] = r(k + 1, fc), r(k + 1)
+    sd[b + "fc_reg.weight"], sd[b + "fc_reg.bias"] = r(4 * k, fc), r(4 * k)
+    a = "bbox_head.0."
+    for branch in ("cls_convs", "reg_convs"):
+        sd[a + f"{branch}.0.conv.weight"] = r(c, c, 3, 3)
+        sd[a + f"{branch}.0.gn.weight"], sd[a + f"{branch}.0.gn.bias"] = r(c), r(c)
+    for name, out in (("atss_cls", k), ("atss_reg", 4), ("atss_centerness", 1)):
+        sd[a + f"{name}.weight"], sd[a + f"{name}.bias"] = r(out, c, 3, 3), r(out)
+    for i in range(lv + 1):
+        sd[a + f"scales.{i}.scale"] = r()
+    return sd
+
+
+def test_converter_round_trip_on_a_synthetic_co_dino_checkpoint():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    source = co_dino_public_state_dict(cfg, model)
+    converted, report = convert_co_detr_state_dict(source, model.state_dict(), aux_heads=cfg.MODEL.CO_DETR.AUX_HEADS)
+    assert not report.unused_source_keys and not report.dropped_aux
+    assert report.unmatched_target_keys == [], report.unmatched_target_keys
+    assert len(report.renamed) == len(source) and sorted(report.zero_filled) == sorted(
+        k for k in model.state_dict() if re.match(r"neck\..*\.conv\.bias$", k))
+    model.load_state_dict(converted, strict=True)
+    state = model.state_dict()
+    for src, dst in report.renamed.items():
+        if src.startswith("rpn_head.rpn_cls") or src.startswith("rpn_head.rpn_reg"):
+            assert torch.equal(state[dst], permute_rpn_anchors(source[src], 3, 3))
+        else:
+            assert torch.equal(state[dst], source[src]), (src, dst)
+    assert report.renamed["query_head.transformer.aux_pos_trans.0.weight"] == "co_detr.query_embeddings.0.pos_proj.weight"
+    assert report.renamed["bbox_head.0.atss_cls.weight"] == "co_detr.heads.1.atss_cls.weight"
+
+    # K=1 (ATSS only, head index 0): the R-CNN tensors are dropped, ATSS's renumbered
+    cfg1 = tiny_cfg("MODEL.CO_DETR.AUX_HEADS", "['atss']")
+    model1 = build_model(cfg1)
+    converted1, report1 = convert_co_detr_state_dict(source, model1.state_dict(), aux_heads=["atss"])
+    assert report1.unmatched_target_keys == [] and report1.dropped_aux
+    assert all(k.startswith(("rpn_head", "roi_head", "query_head.transformer.aux_pos_trans")) for k in report1.dropped_aux)
+    assert report1.renamed["query_head.transformer.aux_pos_trans.1.weight"] == "co_detr.query_embeddings.0.pos_proj.weight"
+    model1.load_state_dict(converted1, strict=True)
+
+    # the detector alone (a plain DINO of the same shape)
+    plain = build_model(tiny_cfg("MODEL.CO_DETR.ENABLED", "False"))
+    converted0, report0 = convert_co_detr_state_dict(source, plain.state_dict(), include_aux_heads=False)
+    assert report0.unmatched_target_keys == [] and not report0.unused_source_keys
+    plain.load_state_dict(converted0, strict=True)
+
+    bad = dict(source)
+    bad["query_head.cls_branches.0.weight"] = torch.zeros(3, cfg.MODEL.DETR.HIDDEN_DIM)
+    with pytest.raises(ValueError, match="cls_branches.0.weight"):
+        convert_co_detr_state_dict(bad, model.state_dict())
+
+
+# ----------------------------------------------------------------------------- DDP
+def _train_one_step(output_dir):
+    from detectron2.utils import comm
+
+    from conftest import make_cfg
+    from maskfrozen.engine import Trainer
+
+    torch.set_num_threads(1)
+    cfg = make_cfg(TINY, output_dir, "SOLVER.MAX_ITER", "1", "SOLVER.CHECKPOINT_PERIOD", "1000",
+                   "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    initial = {k: v.clone() for k, v in trainer.model.module.state_dict().items()}
+    trainer.train()
+    torch.save({"initial": initial, "final": trainer.model.module.state_dict(), "world": comm.get_world_size()},
+               os.path.join(output_dir, f"rank{comm.get_rank()}.pt"))
+
+
+def test_ddp_gloo_replicas_stay_identical_with_aux_heads(tmp_path):
+    from maskfrozen.engine import launch
+
+    launch(_train_one_step, 2, dist_url="auto", args=(str(tmp_path),))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    weights = [k for k, v in r0["final"].items() if v.dtype.is_floating_point and "running" not in k]
+    assert any(k.startswith("co_detr.heads.") for k in weights)
+    for key in weights:
+        assert torch.equal(r0["initial"][key], r1["initial"][key]), key
+        assert torch.equal(r0["final"][key], r1["final"][key]), key
+    changed = [k for k in weights if not torch.equal(r0["initial"][k], r0["final"][k])]
+    assert any(k.startswith("co_detr.heads.") for k in changed) and any(k.startswith("transformer.") for k in changed)
