@@ -300,6 +300,9 @@ def add_co_detr_config(cfg: CN) -> None:
     c.RPN.BOX_WEIGHT = 1.0
     c.ROI_HEAD = CN()
     c.ROI_HEAD.POOLER_RESOLUTION = 7
+    # RoIAlign samples per bin side (0: adaptive ceil(RoI size / resolution), the public setting; its backward is
+    # slow on CPU for large proposals)
+    c.ROI_HEAD.SAMPLING_RATIO = 0
     c.ROI_HEAD.CANONICAL_BOX_SIZE = 56  # level floor(log2(sqrt(area) / 56)) (mmdet's finest_scale)
     c.ROI_HEAD.FC_DIM = 1024
     c.ROI_HEAD.NUM_FC = 2

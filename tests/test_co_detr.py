@@ -18,7 +18,8 @@ import maskfrozen  # noqa: F401  (registers the models)
 from maskfrozen.checkpoint import convert_co_detr_state_dict
 from maskfrozen.checkpoint.co_detr_converter import permute_rpn_anchors
 from maskfrozen.config import load_config
-from maskfrozen.modeling.co_detr import AuxPositives, atss_assign, batch_positives, centerness_target
+from maskfrozen.modeling.co_detr import (AuxPositives, atss_assign, batch_positives, centerness_target,
+                                        positive_query_sets)
 from maskfrozen.modeling.co_detr.positive_queries import PADDED_LOGIT
 
 from test_detr_model import _inputs
@@ -101,10 +102,12 @@ def test_positive_queries_reach_the_decoder_in_training_only():
     model = build_model(tiny_cfg())
     calls = _count_decodes(model)
     losses = model(_inputs())
-    assert len(calls) == 3  # the detector's queries, then one group per auxiliary head
-    for i, queries in enumerate(calls[1:]):
-        assert list(queries.query_groups) == [f"_pos{i}"] and queries.reference.shape[-1] == 4
-        assert queries.self_attn_mask is None and queries.query_pos is None  # DINO: dynamic positions
+    assert len(calls) == 2  # the detector's queries, then every auxiliary head's group in one pass
+    groups = calls[1].query_groups
+    assert list(groups) == ["_pos0", "_pos1"] and calls[1].query_pos is None  # DINO: dynamic positions
+    mask = calls[1].self_attn_mask  # block diagonal: the groups do not see each other
+    a, b = groups["_pos0"], groups["_pos1"]
+    assert not mask[a, a].any() and not mask[b, b].any() and mask[a, b].all() and mask[b, a].all()
     for i in range(2):
         assert {f"loss_{t}_pos{i}" for t in ("class", "bbox", "giou")} <= set(losses)
         assert {f"loss_{t}_pos{i}_aux0" for t in ("class", "bbox", "giou")} <= set(losses)
@@ -210,18 +213,53 @@ def test_positive_batching_caps_normalises_and_masks_padding():
     # (x0, y0, x1, y1) / (w, h, w, h), clipped to the image, as cxcywh
     assert torch.allclose(q.boxes[0, 1], torch.tensor([(0.25 + 1.0) / 2, (0.5 + 1.0) / 2, 0.75, 0.5]))
     assert q.padded.tolist() == [[False] * 3, [True] * 3]
-    assert q.key_padding is None  # image 1 has no positive: its slots stay visible to each other
     assert [i.tolist() for i in q.indices[0]] == [[0, 1, 2], [2, 0, 1]] and len(q.indices[1][0]) == 0
     capped = batch_positives(positives, [(32, 64), (64, 64)], max_positives=2, channels=c)
     assert capped.boxes.shape[1] == 2 and capped.num_positives == 2
-    one_padded = batch_positives(positives[:1] + [AuxPositives(boxes[:1], torch.tensor([0]), torch.zeros(1, c))],
-                                 [(32, 64), (64, 64)], 5, c)
-    assert one_padded.key_padding.tolist() == [[False] * 3, [False, True, True]]
     # a padded slot's logit adds exactly 0 to the focal loss and gets no gradient
     logit = torch.tensor([PADDED_LOGIT], requires_grad=True)
     loss = sigmoid_focal_loss(logit, torch.zeros(1), reduction="sum")
     loss.backward()
     assert loss.item() == 0.0 and logit.grad.abs().item() == 0.0
+
+
+def test_one_decoder_pass_equals_one_pass_per_group_and_padding_is_inert():
+    """The groups' single masked pass computes what separate passes compute; a padded slot
+    (masked key, logit -1e4) changes nothing for the real queries of its image, and a group
+    without positives in an image (slots left visible to each other) stays finite."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        encoded = model.detect(model.preprocess_image(inputs)).transformer
+        c, sizes = model.hidden_dim, [(64, 64), (48, 64)]
+        g = torch.Generator().manual_seed(1)
+
+        def aux(n):
+            xy = torch.rand(n, 2, generator=g) * 30
+            return AuxPositives(torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 20], 1),
+                                torch.randint(0, 2, (n,), generator=g), torch.randn(n, c, generator=g))
+
+        g0 = batch_positives([aux(4), aux(2)], sizes, 300, c)
+        g1 = batch_positives([aux(3), aux(0)], sizes, 300, c)
+        emb = model.co_detr.query_embeddings
+        joint = positive_query_sets(model, encoded, [g0, g1], emb, 1.0, 4)
+        alone0 = positive_query_sets(model, encoded, [g0], emb[:1], 1.0, 4)[0]
+        alone1 = positive_query_sets(model, encoded, [g1], emb[1:], 1.0, 4)[0]
+        for j, alone in ((joint[0], alone0), (joint[1], alone1)):
+            for key in ("pred_logits", "pred_boxes"):
+                assert torch.allclose(j.outputs[key], alone.outputs[key], atol=1e-5)
+        assert torch.isfinite(joint[1].outputs["pred_boxes"]).all()
+        assert (joint[0].outputs["pred_logits"][1, 2:] == PADDED_LOGIT).all()  # image 1: 2 positives of 4 slots
+        # without the padded slots: the real queries of image 1 compute the same
+        trimmed = batch_positives([aux(0), aux(0)], sizes, 300, c)
+        trimmed.boxes, trimmed.features = g0.boxes[1:, :2], g0.features[1:, :2]
+        trimmed.padded = torch.zeros(1, 2, dtype=torch.bool)
+        trimmed.indices = g0.indices[1:]
+        encoded_1 = type(encoded)(**{k: (v[1:] if torch.is_tensor(v) and v.shape[0] == 2 and k not in (
+            "spatial_shapes", "level_start_index") else v) for k, v in vars(encoded).items()})
+        one = positive_query_sets(model, encoded_1, [trimmed], emb[:1], 1.0, 4)[0]
+        assert torch.allclose(one.outputs["pred_boxes"][0], alone0.outputs["pred_boxes"][1, :2], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- configs

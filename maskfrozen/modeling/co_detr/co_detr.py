@@ -12,8 +12,9 @@ Training only, through the detector interface (no patching of the transformer):
    * sum(term weight * term)`` (the paper sums ``lambda_2 L_enc`` once per decoder layer,
    as the public code's ``num_dec_layer * lambda_2`` factors do);
 3. each head's positive boxes become a positive query group decoded by the detector's own
-   decoder and supervised with the head's assignment (``_pos{i}`` criterion entries,
-   weight ``lambda_1``; :mod:`.positive_queries`).
+   decoder (all groups in one pass, kept apart by a self-attention mask) and supervised
+   with the head's assignment (``_pos{i}`` criterion entries, weight ``lambda_1``;
+   :mod:`.positive_queries`).
 
 In eval mode nothing here runs: the detector's ``detect`` and ``inference`` never call
 it, so predictions and the parameters used equal those of the detector without it.
@@ -31,7 +32,7 @@ from maskfrozen.modeling.criterion import QuerySet
 
 from .adapter import MultiScaleAdapter
 from .atss import ATSSHead
-from .positive_queries import PositiveQueryEmbedding, batch_positives, positive_query_set
+from .positive_queries import PositiveQueryEmbedding, batch_positives, positive_query_sets
 from .rcnn import FasterRCNNAuxHead
 
 __all__ = ["CoDETR", "build_co_detr", "AUX_HEAD_TYPES"]
@@ -84,18 +85,16 @@ class CoDETR(nn.Module):
             inst.gt_boxes, inst.gt_classes = Boxes(boxes), t["labels"]
             gt_instances.append(inst)
         num_gt = sum(len(t["labels"]) for t in targets)
-        losses, sets = {}, []
+        losses, groups = {}, []
         with _event_storage():
-            for i, (kind, head, embedding) in enumerate(zip(self.head_types, self.heads, self.query_embeddings)):
+            for kind, head in zip(self.head_types, self.heads):
                 if kind == "atss":
                     head_losses, positives = head(features, gt_boxes, [t["labels"] for t in targets])
                 else:
                     head_losses, positives = head(images, features, gt_instances)
                 losses.update({k: v * self.enc_weight for k, v in head_losses.items()})
-                queries = batch_positives(positives, images.image_sizes, self.max_positives, detector.hidden_dim)
-                sets.append(positive_query_set(detector, encoded, queries, embedding, f"_pos{i}", self.lambda_1,
-                                               num_gt))
-        return losses, sets
+                groups.append(batch_positives(positives, images.image_sizes, self.max_positives, detector.hidden_dim))
+        return losses, positive_query_sets(detector, encoded, groups, self.query_embeddings, self.lambda_1, num_gt)
 
 
 def build_co_detr(cfg, level_strides: Sequence[int]):
@@ -125,6 +124,7 @@ def build_co_detr(cfg, level_strides: Sequence[int]):
                 rpn_batch_size_per_image=r.BATCH_SIZE_PER_IMAGE, rpn_positive_fraction=r.POSITIVE_FRACTION,
                 rpn_pre_nms_topk=r.PRE_NMS_TOPK, rpn_post_nms_topk=r.POST_NMS_TOPK, rpn_nms_thresh=r.NMS_THRESH,
                 rpn_class_weight=r.CLASS_WEIGHT, rpn_box_weight=r.BOX_WEIGHT, pooler_resolution=h.POOLER_RESOLUTION,
+                pooler_sampling_ratio=h.SAMPLING_RATIO,
                 canonical_box_size=h.CANONICAL_BOX_SIZE, fc_dim=h.FC_DIM, num_fc=h.NUM_FC,
                 roi_batch_size_per_image=h.BATCH_SIZE_PER_IMAGE, roi_positive_fraction=h.POSITIVE_FRACTION,
                 roi_iou_threshold=h.IOU_THRESHOLD, roi_class_weight=h.CLASS_WEIGHT, roi_box_weight=h.BOX_WEIGHT))

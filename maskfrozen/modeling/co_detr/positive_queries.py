@@ -1,5 +1,6 @@
 """Co-DETR's customised positive queries: each auxiliary head's positive boxes become one
-extra query group that runs through the detector's own decoder (shared weights) and is
+extra query group that runs through the detector's own decoder (shared weights; all groups
+in one pass, kept apart by a block-diagonal self-attention mask) and is
 supervised with the head's assignment (a fixed-assignment entry of the shared criterion,
 like DINO's denoising set; no Hungarian matching).
 
@@ -17,8 +18,9 @@ Batching and padding: at most ``max_positives`` per image (a random subset beyon
 public code), padded to the batch's largest count. Padded slots are masked as attention
 keys (no positive query sees them) and their class logits are set to -1e4, so they add
 exactly 0 to every loss (the public code pads with background-labelled negatives instead,
-which the paper does not do). An image without positives keeps its padded slots visible to
-each other so its attention stays finite; they are still left out of the losses. The
+which the paper does not do). A group without positives in an image keeps its padded slots
+visible to each other there, so their attention stays finite; they are still left out of
+the losses. The
 group's loss normaliser is its number of positive queries (the public code's).
 """
 from typing import List, Optional, Sequence, Tuple
@@ -33,7 +35,7 @@ from maskfrozen.modeling.detr.transformer import DecoderQueries
 
 from .atss import AuxPositives
 
-__all__ = ["PositiveQueryEmbedding", "PositiveQueries", "batch_positives", "positive_query_set"]
+__all__ = ["PositiveQueryEmbedding", "PositiveQueries", "batch_positives", "positive_query_sets"]
 
 PADDED_LOGIT = -1e4  # sigmoid == 0 exactly: a padded slot adds 0 to the focal loss and gets no gradient
 
@@ -79,12 +81,6 @@ class PositiveQueries:
         self.indices: List[Tuple[torch.Tensor, torch.Tensor]] = indices  # per image (slot, GT index)
         self.num_positives: int = num_positives
 
-    @property
-    def key_padding(self) -> Optional[torch.Tensor]:
-        """Padded slots masked as keys, except in images without any positive."""
-        mask = self.padded & ~self.padded.all(1, keepdim=True)
-        return mask if bool(mask.any()) else None
-
 
 def batch_positives(positives: Sequence[AuxPositives], image_sizes, max_positives: int,
                     channels: int) -> PositiveQueries:
@@ -107,16 +103,40 @@ def batch_positives(positives: Sequence[AuxPositives], image_sizes, max_positive
     return PositiveQueries(boxes, features, padded, indices, sum(counts))
 
 
-def positive_query_set(detector, encoded, queries: PositiveQueries, embedding: PositiveQueryEmbedding,
-                       suffix: str, weight: float, num_gt: int) -> QuerySet:
-    """Run the group through ``detector.transformer.decode`` and describe it as a criterion
-    entry (all decoder layers, fixed indices)."""
-    content, position = embedding(queries.boxes, queries.features)
-    decoder_queries = DecoderQueries(content, queries.boxes, {suffix: slice(0, queries.boxes.shape[1])},
-                                     query_pos=position, padding=queries.key_padding)
-    out = detector.transformer.decode(encoded, decoder_queries)
-    logits = out.pred_logits.masked_fill(queries.padded[None, :, :, None], PADDED_LOGIT)
-    layers = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits, out.pred_boxes)]
-    normalizer = max(queries.num_positives, 1) / max(num_gt, 1)
-    return QuerySet({**layers[-1], "aux_outputs": layers[:-1]}, suffix, indices=queries.indices, weight=weight,
-                    normalizer=normalizer)
+def positive_query_sets(detector, encoded, groups: Sequence[PositiveQueries],
+                        embeddings: Sequence[PositiveQueryEmbedding], weight: float, num_gt: int) -> List[QuerySet]:
+    """Run every head's group through ONE ``detector.transformer.decode`` pass, the groups
+    kept apart by a block-diagonal self-attention mask (the same computation as one pass
+    per group, as the public code runs them, with one pass of overhead), and describe group
+    i as the criterion entry ``_pos{i}`` (all decoder layers, fixed indices)."""
+    contents, positions, sizes, key_padding = [], [], [], []
+    for group, embedding in zip(groups, embeddings):
+        content, position = embedding(group.boxes, group.features)
+        contents.append(content)
+        positions.append(position)
+        sizes.append(group.boxes.shape[1])
+        key_padding.append(group.padded & ~group.padded.all(1, keepdim=True))
+    slices, start = [], 0
+    for size in sizes:
+        slices.append(slice(start, start + size))
+        start += size
+    mask = None
+    if len(groups) > 1:
+        mask = torch.ones(start, start, dtype=torch.bool, device=contents[0].device)
+        for sl in slices:
+            mask[sl, sl] = False
+    padding = torch.cat(key_padding, 1)
+    queries = DecoderQueries(
+        torch.cat(contents, 1), torch.cat([g.boxes for g in groups], 1),
+        {f"_pos{i}": sl for i, sl in enumerate(slices)},
+        query_pos=None if positions[0] is None else torch.cat(positions, 1), self_attn_mask=mask,
+        padding=padding if bool(padding.any()) else None)
+    out = detector.transformer.decode(encoded, queries)
+    sets = []
+    for i, (group, sl) in enumerate(zip(groups, slices)):
+        logits = out.pred_logits[:, :, sl].masked_fill(group.padded[None, :, :, None], PADDED_LOGIT)
+        layers = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits, out.pred_boxes[:, :, sl])]
+        normalizer = max(group.num_positives, 1) / max(num_gt, 1)
+        sets.append(QuerySet({**layers[-1], "aux_outputs": layers[:-1]}, f"_pos{i}", indices=group.indices,
+                             weight=weight, normalizer=normalizer))
+    return sets

@@ -55,6 +55,7 @@ class FasterRCNNAuxHead(nn.Module):
                  rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
                  rpn_pre_nms_topk: int = 4000, rpn_post_nms_topk: int = 1000, rpn_nms_thresh: float = 0.7,
                  rpn_class_weight: float = 1.0, rpn_box_weight: float = 1.0, pooler_resolution: int = 7,
+                 pooler_sampling_ratio: int = 0,
                  canonical_box_size: int = 56, fc_dim: int = 1024, num_fc: int = 2, roi_batch_size_per_image: int = 512,
                  roi_positive_fraction: float = 0.25, roi_iou_threshold: float = 0.5, roi_class_weight: float = 1.0,
                  roi_box_weight: float = 10.0):
@@ -80,7 +81,8 @@ class FasterRCNNAuxHead(nn.Module):
         self.roi_heads = StandardROIHeads(
             box_in_features=roi_names,
             box_pooler=ROIPooler((pooler_resolution, pooler_resolution), [1.0 / s for s in strides[:num_roi_levels]],
-                                 sampling_ratio=0, pooler_type="ROIAlignV2", canonical_box_size=canonical_box_size,
+                                 sampling_ratio=pooler_sampling_ratio, pooler_type="ROIAlignV2",
+                                 canonical_box_size=canonical_box_size,
                                  canonical_level=min_level),
             box_head=box_head,
             box_predictor=FastRCNNOutputLayers(
