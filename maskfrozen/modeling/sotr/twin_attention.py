@@ -22,6 +22,12 @@ every grid size (the five levels and the full-resolution P5).
 initialised to 0, so with pre-norm the whole transformer is the identity at initialisation.
 The hybrid layer (``LAYER: "hybrid"``, Fig. 3c) follows the twin attention with two 3x3
 convolutions joined by a LeakyReLU; ``"pure"`` (Fig. 3b) uses the MLP FFN instead.
+
+Not reproduced from the public code: its width doubling (``cat((x, x), -1)`` before the layers,
+the mean of both halves after, so its row attention runs over 2W cells), its second parallel
+conv branch (``x + ff1(x) + ff2(x)``; ours has one, as the paper describes) and its missing
+LayerNorm (``PRE_NORM: True`` puts the paper's LayerNorm on each branch input; with the gates
+the layer is still the identity at initialisation, as the public code's is).
 """
 from typing import Optional
 
