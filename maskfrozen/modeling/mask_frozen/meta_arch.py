@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy
 from maskfrozen.modeling.criterion import QuerySet, SetCriterion
+from maskfrozen.modeling.gt_masks import padded_gt_masks
 from maskfrozen.modeling.postprocess import (instances_to_output_size, mask_prob_score, top_queries,
                                              top_query_class_pairs)
 
@@ -262,23 +262,10 @@ class MaskFrozenDETR(nn.Module):
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
         """The detector's targets (labels, normalised boxes) + GT masks over the padded image."""
         targets = self.detector.prepare_targets(batched_inputs, images.image_sizes)
-        padded_h, padded_w = images.tensor.shape[-2:]
+        padded = tuple(images.tensor.shape[-2:])
         for target, x in zip(targets, batched_inputs):
-            masks = self._gt_masks(x)
-            target["masks"] = F.pad(masks, (0, padded_w - masks.shape[-1], 0, padded_h - masks.shape[-2]))
+            target["masks"] = padded_gt_masks(x, padded, self.device, type(self).__name__)
         return targets
-
-    def _gt_masks(self, x: Dict) -> torch.Tensor:
-        """``[T, h, w]`` bool GT masks of one input (polygons are rasterised)."""
-        inst = x["instances"]
-        if not inst.has("gt_masks"):
-            raise KeyError(f"MaskFrozenDETR training needs GT masks, but the instances of {x.get('file_name', 'an image')!r} "
-                           "have none: the dataset's annotations carry no 'segmentation' (a boxes-only json?) or "
-                           "the mapper dropped them (MODEL.MASK_ON must be True)")
-        masks = inst.gt_masks
-        if isinstance(masks, PolygonMasks):
-            masks = BitMasks.from_polygon_masks(masks, *inst.image_size)
-        return masks.tensor.to(self.device, torch.bool)
 
     # ------------------------------------------------------------------ inference
     def mask_quality(self, preds: MaskPredictions, rows: slice) -> torch.Tensor:
