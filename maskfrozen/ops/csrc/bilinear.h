@@ -7,12 +7,10 @@
 // index is clamped into the map, so reading them anyway stays in bounds.
 //
 // Non-finite inputs propagate as in grid_sample (so a diverging training shows): a sample
-// at a NaN or infinite coordinate reads NaN, and a sample with a NaN or infinite attention
-// weight makes the output NaN even when it lies outside the map (0 * NaN). Both are
-// encoded as "dummy" footprints: 4 in-bounds reads of the level's first token, marked
-// outside (nothing is written there in backward), with NaN (bad coordinate) or 0 (bad
-// weight) bilinear weights, so the kernels' ordinary arithmetic carries the NaN along and
-// in-map samples pay nothing extra.
+// at a NaN or infinite coordinate reads NaN, and a NaN or infinite attention weight makes
+// the output NaN even for a sample outside the map (0 * NaN). Such samples never have a
+// corner in the map (NaN fails every comparison), so the kernels handle them on the
+// outside-the-map path only, with nan_unless_finite(); in-map samples pay nothing.
 #pragma once
 
 #include <cmath>
@@ -41,31 +39,14 @@ struct BilinearCorners {
   T fx, fy;           // position inside the cell (the location gradient needs them)
 };
 
-// A footprint that reads the token at `base` four times with bilinear weight `fill` and
-// cell position (`fill`, `fill`), every corner marked outside the map.
-template <typename T>
-MSDA_HOST_DEVICE MSDA_INLINE void dummy_corners(int64_t base, T fill, BilinearCorners<T>& c) {
-  for (int k = 0; k < 4; ++k) {
-    c.offset[k] = base;
-    c.weight[k] = fill;
-    c.inside[k] = T(0);
-  }
-  c.fx = c.fy = fill;
-}
-
 // Fills `c` for a sample at (x, y) on an h x w map whose token t starts at element
 // base + t * stride. Returns false, leaving `c` unset, when no corner lies in the map
-// and x, y are finite: the sample then reads zeros. A NaN or infinite x or y gives a
-// dummy footprint with NaN weights (the sample reads NaN) and returns true.
+// (NaN and infinite coordinates included): the sample then reads zeros, unless an input
+// is not finite (see nan_unless_finite).
 template <typename T>
 MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_corners(T x, T y, int64_t h, int64_t w, int64_t base, int64_t stride,
                                                    BilinearCorners<T>& c) {
-  if (!(x >= T(-1) && y >= T(-1) && x < T(w) && y < T(h))) {
-    const T nan_or_zero = (x - x) + (y - y);  // 0 when both are finite, else NaN
-    if (nan_or_zero == T(0)) return false;
-    dummy_corners<T>(base, nan_or_zero, c);
-    return true;
-  }
+  if (!(x >= T(-1) && y >= T(-1) && x < T(w) && y < T(h))) return false;
   const T xf = std::floor(x), yf = std::floor(y);
   const int64_t x0 = static_cast<int64_t>(xf), y0 = static_cast<int64_t>(yf);
   const int64_t x1 = x0 + 1, y1 = y0 + 1;
@@ -90,16 +71,11 @@ MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_corners(T x, T y, int64_t h, int64_t 
   return true;
 }
 
-// bilinear_corners, and also returns true (with a dummy footprint of weight 0) for a
-// sample outside the map whose attention weight `attn` is NaN or infinite: the kernels
-// multiply the 0 it reads by `attn`, which gives NaN as in the reference.
+// 0 for a finite v, NaN for NaN or +-inf: summed over a sample's x, y (and attention
+// weight) it is what the sample adds to its output and gradients when it lies outside the map.
 template <typename T>
-MSDA_HOST_DEVICE MSDA_INLINE bool sample_corners(T x, T y, T attn, int64_t h, int64_t w, int64_t base,
-                                                 int64_t stride, BilinearCorners<T>& c) {
-  if (bilinear_corners<T>(x, y, h, w, base, stride, c)) return true;
-  if (attn - attn == T(0)) return false;  // finite weight times zeros: no contribution
-  dummy_corners<T>(base, T(0), c);
-  return true;
+MSDA_HOST_DEVICE MSDA_INLINE T nan_unless_finite(T v) {
+  return v - v;
 }
 
 }  // namespace maskfrozen

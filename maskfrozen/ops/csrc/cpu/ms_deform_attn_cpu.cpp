@@ -66,7 +66,10 @@ struct Problem {
 template <typename T>
 struct Footprint : BilinearCorners<T> {
   T attn, w, h;
-  bool valid;  // false when the sample reads zeros and cannot carry a NaN (see sample_corners)
+  // Samples outside the map only: 0, or NaN when x or y (nan_xy) / x, y or attn (nan_any)
+  // is not finite (see bilinear.h).
+  T nan_xy, nan_any;
+  bool valid;  // false when no corner lies in the map (the sample reads zeros)
 };
 
 template <typename T>
@@ -95,10 +98,14 @@ MSDA_INLINE void query_footprints(const Problem<T>& pb, int64_t n, int64_t q, in
     const int64_t h = pb.level_hw[2 * l], w = pb.level_hw[2 * l + 1];
     const int64_t level_offset = pb.level_start[l] * row;
     for (int64_t p = 0; p < pb.points; ++p, loc += 2, ++attn, ++fp) {
+      const T x = loc[0] * T(w) - T(0.5), y = loc[1] * T(h) - T(0.5);
+      fp->valid = bilinear_corners<T>(x, y, h, w, level_offset, row, *fp);
       fp->attn = *attn;
-      fp->valid =
-          sample_corners<T>(loc[0] * T(w) - T(0.5), loc[1] * T(h) - T(0.5), fp->attn, h, w, level_offset, row, *fp);
-      if (!fp->valid) continue;
+      if (!fp->valid) {
+        fp->nan_xy = nan_unless_finite(x) + nan_unless_finite(y);
+        fp->nan_any = fp->nan_xy + nan_unless_finite(fp->attn);
+        continue;
+      }
       fp->w = T(w);
       fp->h = T(h);
       for (int c = 0; c < 4; ++c) {
@@ -143,13 +150,19 @@ MSDA_INLINE void forward_queries(const Problem<T>& pb, T* MSDA_RESTRICT output, 
     }
     T* MSDA_RESTRICT out = output + ((n * pb.len_q + q) * pb.heads + m) * dim;
     std::fill(out, out + dim, T(0));
+    T nan_any = T(0);
     for (int64_t s = 0; s < samples; ++s) {
       const Footprint<T>& f = cur[s];
-      if (!f.valid) continue;
+      if (!f.valid) {
+        nan_any += f.nan_any;
+        continue;
+      }
       const T a = f.attn;
       accumulate_corners<T>(out, base + f.offset[0], base + f.offset[1], base + f.offset[2], base + f.offset[3],
                             a * f.weight[0], a * f.weight[1], a * f.weight[2], a * f.weight[3], dim);
     }
+    // a non-finite input outside the map: the whole (query, head) output is NaN, as in grid_sample
+    if (nan_any != T(0)) std::fill(out, out + dim, nan_any);
     std::swap(cur, next);
   }
 }
@@ -250,8 +263,9 @@ MSDA_INLINE void backward_queries(const Problem<T>& pb, const T* MSDA_RESTRICT g
     T* g_attn = grad_weights + qm * samples;
     for (int64_t s = 0; s < samples; ++s) {
       const Footprint<T>& f = cur[s];
-      if (!f.valid) {
-        g_loc[2 * s] = g_loc[2 * s + 1] = g_attn[s] = T(0);
+      if (!f.valid) {  // zeros, or NaN for non-finite inputs (as in grid_sample's backward)
+        g_loc[2 * s] = g_loc[2 * s + 1] = f.nan_any;
+        g_attn[s] = f.nan_xy;
         continue;
       }
       const T a = f.attn;

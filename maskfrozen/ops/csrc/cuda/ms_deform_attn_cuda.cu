@@ -53,7 +53,11 @@ __global__ void forward_kernel(const T* __restrict__ value, const int64_t* __res
       const T* level = base + level_start[l] * row_stride;
       for (int64_t p = 0; p < s.points; ++p, loc += 2, ++attn) {
         BilinearCorners<T> f;  // offsets are token indices (base 0, stride 1)
-        if (!sample_corners<T>(loc[0] * T(w) - T(0.5), loc[1] * T(h) - T(0.5), *attn, h, w, 0, 1, f)) continue;
+        const T x = loc[0] * T(w) - T(0.5), y = loc[1] * T(h) - T(0.5);
+        if (!bilinear_corners<T>(x, y, h, w, 0, 1, f)) {
+          acc += nan_unless_finite(x) + nan_unless_finite(y) + nan_unless_finite(*attn);  // 0 or NaN
+          continue;
+        }
         T sample = 0;
 #pragma unroll
         for (int c = 0; c < 4; ++c) sample += f.weight[c] * level[f.offset[c] * row_stride];
@@ -92,10 +96,14 @@ __global__ void backward_kernel(const T* __restrict__ value, const int64_t* __re
         // Token indices (base 0, stride 1), scaled in the loop below: element offsets
         // computed here instead raised the register use (float: 80 -> 126 per thread).
         BilinearCorners<T> f;
+        const T x = loc[2 * sample] * T(w) - T(0.5), y = loc[2 * sample + 1] * T(h) - T(0.5);
         const T a = attn[sample];
-        if (!sample_corners<T>(loc[2 * sample] * T(w) - T(0.5), loc[2 * sample + 1] * T(h) - T(0.5), a, h, w, 0, 1,
-                               f)) {
-          if (lane == 0) g_loc[2 * sample] = g_loc[2 * sample + 1] = g_attn[sample] = T(0);
+        if (!bilinear_corners<T>(x, y, h, w, 0, 1, f)) {
+          if (lane == 0) {  // zeros, or NaN for non-finite inputs (as in grid_sample's backward)
+            const T nan_xy = nan_unless_finite(x) + nan_unless_finite(y);
+            g_loc[2 * sample] = g_loc[2 * sample + 1] = nan_xy + nan_unless_finite(a);
+            g_attn[sample] = nan_xy;
+          }
           continue;
         }
         T dots[4] = {0, 0, 0, 0};
