@@ -437,6 +437,22 @@ def test_converter_round_trip_on_a_synthetic_co_dino_checkpoint():
         convert_co_detr_state_dict(bad, model.state_dict())
 
 
+def test_convert_checkpoint_cli_co_detr_format(tmp_path):
+    """tools/convert_checkpoint.py --format co_detr writes a checkpoint that loads strictly."""
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_checkpoint
+
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    source_path, out = tmp_path / "co_dino.pth", tmp_path / "converted.pth"
+    torch.save({"state_dict": co_dino_public_state_dict(cfg, model)}, source_path)
+    report = convert_checkpoint.main(["--format", "co_detr", "--config-file", TINY, str(source_path), str(out)])
+    assert report.unmatched_target_keys == []
+    model.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
+
+
 # ----------------------------------------------------------------------------- DDP
 def _train_one_step(output_dir):
     from detectron2.utils import comm

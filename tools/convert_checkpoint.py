@@ -13,7 +13,10 @@ A conversion that fills fewer than ``--min-coverage`` (default half) of the mode
 exit status is 1 and nothing is written; the output is written atomically.
 The output loads with ``MODEL.WEIGHTS out.pth``. ``--format mask2former`` converts an official
 Mask2Former checkpoint (model-zoo ``.pkl`` with ``--allow-pickle``, or ``.pth``) for
-``QuerySegmentor``, e.g. with ``--config-file configs/coco/mask2former/maskformer2_R50_bs16_50ep.yaml``.
+``QuerySegmentor``, e.g. with ``--config-file configs/coco/mask2former/maskformer2_R50_bs16_50ep.yaml``;
+``--format co_detr`` a public Co-DINO (mmdet) checkpoint for a DETR config with ``MODEL.CO_DETR``
+(its auxiliary heads as ``MODEL.CO_DETR.AUX_HEADS`` says, or the detector alone when Co-DETR is off),
+e.g. with ``--config-file configs/coco/co_detr/co_dino_R50_5scale_12ep.yaml``.
 """
 import argparse
 import os
@@ -28,16 +31,29 @@ from detectron2.modeling import build_model  # noqa: E402
 import maskfrozen  # noqa: E402,F401  (registers the models)
 from maskfrozen.checkpoint import (  # noqa: E402
     KEY_TABLES, ConversionCoverageError, ConversionReport, convert_detr_state_dict, load_model_tensors)
+from maskfrozen.checkpoint.co_detr_converter import convert_co_detr_state_dict  # noqa: E402
 from maskfrozen.checkpoint.mask2former_converter import (  # noqa: E402
     convert_mask2former_state_dict, load_mask2former_checkpoint)
 from maskfrozen.config import load_config  # noqa: E402
 from maskfrozen.engine.checkpointer import atomic_write  # noqa: E402
 
 
+def _co_detr(source, target, cfg):
+    co = cfg.MODEL.CO_DETR
+    return convert_co_detr_state_dict(source, target, aux_heads=co.AUX_HEADS, include_aux_heads=co.ENABLED)
+
+
+# --format -> (checkpoint loader, converter(source, target state_dict, cfg)); the DETR key tables otherwise
+OTHER_FORMATS = {
+    "mask2former": (load_mask2former_checkpoint, lambda source, target, cfg: convert_mask2former_state_dict(source, target)),
+    "co_detr": (load_model_tensors, _co_detr),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The converter's command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=sorted(KEY_TABLES) + ["mask2former"])
+    parser.add_argument("--format", required=True, choices=sorted(KEY_TABLES) + sorted(OTHER_FORMATS))
     parser.add_argument("--config-file", required=True, help="maskfrozen config of the target model")
     parser.add_argument("--strict", action="store_true", help="fail when a model key gets no value")
     parser.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
@@ -55,11 +71,11 @@ def convert(args: argparse.Namespace) -> ConversionReport:
         raise ValueError(f"the output {args.output!r} is the input checkpoint: choose another path")
     cfg = load_config(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"
-    load = load_mask2former_checkpoint if args.format == "mask2former" else load_model_tensors
+    load, convert_fn = OTHER_FORMATS.get(args.format, (load_model_tensors, None))
     source = load(args.input, args.allow_pickle)
     target = build_model(cfg).state_dict()
-    if args.format == "mask2former":
-        converted, report = convert_mask2former_state_dict(source, target)
+    if convert_fn is not None:
+        converted, report = convert_fn(source, target, cfg)
     else:
         converted, report = convert_detr_state_dict(source, args.format, target, cfg.MODEL.DETR.DEC_LAYERS)
     print(report.summary())
