@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .key_table import convert_by_table, finish_report
 from .detr_converter import ConversionReport, _torchvision_resnet
 
 __all__ = ["CO_DINO_TABLE", "CoDETRConversionReport", "convert_co_detr_state_dict", "permute_rpn_anchors"]
@@ -151,45 +152,26 @@ def convert_co_detr_state_dict(
     head_index = {k: (list(aux_heads).index(v) if include_aux_heads and v in aux_heads else None)
                   for k, v in own.items()}
     report = CoDETRConversionReport(source_format="co_detr")
-    converted: Dict[str, torch.Tensor] = {}
-    mismatches = []
-    for key, value in source.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        report.num_source_tensors += 1
+
+    def rename(key: str):
         row = next(((p, r) for p, r in CO_DINO_TABLE if re.match(p, key)), None)
         if row is None:
-            report.unused_source_keys.append(key)
-            continue
-        pattern, replacement = row
-        m = re.match(pattern, key)
-        new_key = replacement(m) if callable(replacement) else _expand(key, m, replacement, head_index, public_heads)
-        if new_key is None or (new_key.startswith("co_detr.") and not include_aux_heads):
-            report.dropped_aux.append(key)
-            continue
-        if new_key in converted:
-            raise ValueError(f"checkpoint keys {key!r} and another both map to {new_key!r}")
-        if re.match(r"^rpn_head\.(rpn_cls|rpn_reg)\.", key):
-            value = permute_rpn_anchors(value, *rpn_ratios_scales)
-        if target is not None:
-            if new_key not in target:
-                report.unused_source_keys.append(f"{key} (-> {new_key}, not in the model)")
-                continue
-            if tuple(value.shape) != tuple(target[new_key].shape):
-                mismatches.append(f"{key} -> {new_key}: checkpoint {tuple(value.shape)} vs model "
-                                  f"{tuple(target[new_key].shape)}")
-                continue
-        converted[new_key] = value
-        report.renamed[key] = new_key
-    if mismatches:
-        raise ValueError("shape mismatch between the checkpoint and the model (check the config: NUM_CLASSES, "
-                         "NUM_QUERIES, HIDDEN_DIM, NUM_FEATURE_LEVELS, layers, AUX_HEADS):\n  " + "\n  ".join(mismatches))
+            return False, None
+        m = re.match(row[0], key)
+        new_key = row[1](m) if callable(row[1]) else _expand(key, m, row[1], head_index, public_heads)
+        aux_left_out = new_key is not None and new_key.startswith("co_detr.") and not include_aux_heads
+        return True, None if aux_left_out else new_key
+
+    def permute_rpn(key, new_key, value, shape):
+        return permute_rpn_anchors(value, *rpn_ratios_scales) if re.match(r"^rpn_head\.(rpn_cls|rpn_reg)\.", key) \
+            else value
+
+    converted = convert_by_table(source, rename, report, target, transform=permute_rpn, dropped=report.dropped_aux,
+                                 shape_hint="NUM_CLASSES, NUM_QUERIES, HIDDEN_DIM, NUM_FEATURE_LEVELS, layers, AUX_HEADS")
     if target is not None:
         for key in target:
             if key not in converted and re.match(ZERO_FILLED, key):
                 converted[key] = torch.zeros_like(target[key])
                 report.zero_filled.append(key)
-        report.unmatched_target_keys = sorted(k for k in target if k not in converted
-                                              and not k.endswith("num_batches_tracked"))
-        report.num_target_keys = len(report.unmatched_target_keys) + len(converted)
+    finish_report(report, converted, target)
     return converted, report

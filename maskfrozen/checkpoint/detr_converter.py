@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from .key_table import convert_by_table, finish_report
+
 __all__ = ["ConversionReport", "ConversionCoverageError", "convert_detr_state_dict", "KEY_TABLES",
            "coco_contiguous_ids"]
 
@@ -227,39 +229,9 @@ def convert_detr_state_dict(
     table = KEY_TABLES[source_format]
     target_keys = set(target) if target is not None else None
     report = ConversionReport(source_format=source_format)
-    converted: Dict[str, torch.Tensor] = {}
-    mismatches = []
-    for key, value in source.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        report.num_source_tensors += 1
-        matched, new_key = _rename(key, table, target_keys, num_decoder_layers)
-        if not matched:
-            report.unused_source_keys.append(key)
-            continue
-        if new_key is None:
-            report.dropped_aliases.append(key)
-            continue
-        if new_key in converted:
-            raise ValueError(f"checkpoint keys {_source_of(report, new_key)!r} and {key!r} both map to {new_key!r}")
-        target_shape = tuple(target[new_key].shape) if target is not None and new_key in target else None
-        value = _maybe_slice_classes(new_key, value, target_shape, report)
-        if target is not None and new_key not in target:
-            report.unused_source_keys.append(f"{key} (-> {new_key}, not in the model)")
-            continue
-        if target_shape is not None and tuple(value.shape) != target_shape:
-            mismatches.append(f"{key} -> {new_key}: checkpoint {tuple(value.shape)} vs model {target_shape}")
-            continue
-        converted[new_key] = value
-        report.renamed[key] = new_key
-    if mismatches:
-        raise ValueError("shape mismatch between the checkpoint and the model (check the config: "
-                         "NUM_CLASSES, NUM_QUERIES, HIDDEN_DIM, layers, variant options):\n  " + "\n  ".join(mismatches))
-    if target is not None:
-        report.unmatched_target_keys = sorted(k for k in target if k not in converted and not k.endswith("num_batches_tracked"))
-        report.num_target_keys = len(report.unmatched_target_keys) + len(converted)
+    converted = convert_by_table(
+        source, lambda key: _rename(key, table, target_keys, num_decoder_layers), report, target,
+        transform=lambda key, new_key, value, shape: _maybe_slice_classes(new_key, value, shape, report),
+        shape_hint="NUM_CLASSES, NUM_QUERIES, HIDDEN_DIM, layers, variant options")
+    finish_report(report, converted, target)
     return converted, report
-
-
-def _source_of(report: ConversionReport, new_key: str) -> str:
-    return next((s for s, t in report.renamed.items() if t == new_key), "?")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .detr_converter import ConversionReport
+from .key_table import convert_by_table, finish_report
 from .loading import CheckpointFormatError, load_model_tensors
 
 __all__ = ["MASK2FORMER_TABLE", "convert_mask2former_state_dict", "load_mask2former_checkpoint"]
@@ -88,35 +89,9 @@ def convert_mask2former_state_dict(
         ValueError: two source keys map to one model key, or any shape mismatch (all listed).
     """
     report = ConversionReport(source_format="mask2former")
-    converted: Dict[str, torch.Tensor] = {}
-    origin: Dict[str, str] = {}
-    mismatches = []
-    for key, value in source.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        report.num_source_tensors += 1
-        matched, new_key = _rename(key)
-        if not matched:
-            report.unused_source_keys.append(key)
-        elif new_key is None:
-            report.dropped_aliases.append(key)
-        elif new_key in converted:
-            raise ValueError(f"checkpoint keys {origin[new_key]!r} and {key!r} both map to {new_key!r}")
-        elif target is not None and new_key not in target:
-            report.unused_source_keys.append(f"{key} (-> {new_key}, not in the model)")
-        elif target is not None and tuple(value.shape) != tuple(target[new_key].shape):
-            mismatches.append(f"{key} -> {new_key}: checkpoint {tuple(value.shape)} vs model "
-                              f"{tuple(target[new_key].shape)}")
-        else:
-            converted[new_key], origin[new_key] = value, key
-            report.renamed[key] = new_key
-    if mismatches:
-        raise ValueError("shape mismatch between the checkpoint and the model (check SEM_SEG_HEAD.NUM_CLASSES, "
-                         "NUM_OBJECT_QUERIES, HIDDEN_DIM, DEC_LAYERS, backbone):\n  " + "\n  ".join(mismatches))
-    if target is not None:
-        report.unmatched_target_keys = sorted(k for k in target if k not in converted
-                                              and not k.endswith("num_batches_tracked"))
-        report.num_target_keys = len(report.unmatched_target_keys) + len(converted)
+    converted = convert_by_table(source, _rename, report, target,
+                                 shape_hint="SEM_SEG_HEAD.NUM_CLASSES, NUM_OBJECT_QUERIES, HIDDEN_DIM, DEC_LAYERS, backbone")
+    finish_report(report, converted, target)
     return converted, report
 
 
