@@ -119,6 +119,10 @@ def test_deformable_encoder_output_geometry_and_level_maps():
     assert [tuple(m.shape) for m in maps] == [(2, 8, 4, 6), (2, 8, 2, 3)]
     assert torch.equal(out.level_padding_masks()[0], masks[0])
     assert torch.equal(geometry.split_levels(src)[1], srcs[1])
+    # the geometry tensors are shared by every batch of these level sizes (the op checks them once)
+    _, _, again = flatten_levels([s[:1] for s in srcs], [m[:1] for m in masks], [s[:1] for s in srcs])
+    assert again.spatial_shapes is geometry.spatial_shapes and again.level_start_index is geometry.level_start_index
+    assert geometry.level_sizes() == [(4, 6), (2, 3)]
     with pytest.raises(ValueError, match="2 feature levels, built for 3"):
         flatten_levels(srcs, masks, srcs, torch.ones(3, 8))
 

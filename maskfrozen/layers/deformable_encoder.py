@@ -8,7 +8,8 @@ self-attention + FFN over it; :class:`EncoderOutput` is its structured result, w
 every consumer reads (per-level maps, padding masks, geometry).
 """
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence
+from functools import lru_cache
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ __all__ = [
     "LevelGeometry",
     "EncoderOutput",
     "flatten_levels",
+    "level_index_tensors",
     "valid_ratios_of",
     "encoder_reference_points",
     "pixel_centres",
@@ -30,16 +32,22 @@ __all__ = [
 
 @dataclass
 class LevelGeometry:
-    """Where each level lies in a flattened multi-level sequence (S = sum_l H_l W_l)."""
+    """Where each level lies in a flattened multi-level sequence (S = sum_l H_l W_l).
+
+    The level sizes are kept on the host too (``sizes``), so nothing here reads a device
+    tensor back; ``spatial_shapes`` / ``level_start_index`` are the same tensor objects for
+    every batch of the same level sizes on a device, so the op's once-per-tensor checks
+    run once, not once per forward."""
 
     spatial_shapes: torch.Tensor  # [L, 2] int64 (H, W)
     level_start_index: torch.Tensor  # [L] int64
     valid_ratios: torch.Tensor  # [N, L, 2] valid (w, h) fraction of each level
     padding_mask: torch.Tensor  # [N, S] bool, True = padding
+    sizes: Tuple[Tuple[int, int], ...]  # ((H_l, W_l), ...) as Python ints
 
-    def level_sizes(self) -> List[tuple]:
-        """``[(H_l, W_l)]`` as Python ints (one host read of ``spatial_shapes``)."""
-        return [(int(h), int(w)) for h, w in self.spatial_shapes.tolist()]
+    def level_sizes(self) -> List[Tuple[int, int]]:
+        """``[(H_l, W_l)]`` as Python ints (no device read)."""
+        return list(self.sizes)
 
     def split_levels(self, tokens: torch.Tensor) -> List[torch.Tensor]:
         """``[N, S, C]`` tokens -> per-level maps ``[N, C, H_l, W_l]``."""
@@ -78,6 +86,18 @@ def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w / w, valid_h / h], -1)
 
 
+@lru_cache(maxsize=64)
+def level_index_tensors(sizes: Tuple[Tuple[int, int], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(``spatial_shapes [L, 2]``, ``level_start_index [L]``) int64 on ``device``, one pair
+    of tensors per distinct level sizes (never modified in place)."""
+    shapes = torch.as_tensor(sizes, dtype=torch.int64, device=device)
+    starts, total = [], 0
+    for h, w in sizes:
+        starts.append(total)
+        total += h * w
+    return shapes, torch.as_tensor(starts, dtype=torch.int64, device=device)
+
+
 def flatten_levels(srcs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor],
                    level_embeds: Optional[torch.Tensor] = None):
     """Concatenate the levels into sequences.
@@ -92,8 +112,8 @@ def flatten_levels(srcs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
         raise ValueError(f"flatten_levels: got {len(srcs)} maps, {len(masks)} masks, {len(pos_embeds)} position maps")
     if level_embeds is not None and len(level_embeds) != len(srcs):
         raise ValueError(f"flatten_levels: got {len(srcs)} feature levels, built for {len(level_embeds)}")
-    shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.int64, device=srcs[0].device)
-    start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    sizes = tuple((int(s.shape[-2]), int(s.shape[-1])) for s in srcs)
+    shapes, start = level_index_tensors(sizes, srcs[0].device)
     tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     pos = [p.flatten(2).transpose(1, 2) for p in pos_embeds]
     if level_embeds is not None:
@@ -101,7 +121,7 @@ def flatten_levels(srcs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
     geometry = LevelGeometry(
         spatial_shapes=shapes, level_start_index=start,
         valid_ratios=torch.stack([valid_ratios_of(m) for m in masks], 1),
-        padding_mask=torch.cat([m.flatten(1) for m in masks], 1))
+        padding_mask=torch.cat([m.flatten(1) for m in masks], 1), sizes=sizes)
     return tokens, torch.cat(pos, 1), geometry
 
 
@@ -118,7 +138,7 @@ def pixel_centres(h: int, w: int, device) -> torch.Tensor:
 def valid_sizes(geometry: LevelGeometry, lvl: int, size) -> torch.Tensor:
     """``[N, 2]`` valid (w, h) in pixels of level ``lvl`` (of ``size`` (H, W))."""
     h, w = size
-    start = int(geometry.level_start_index[lvl])
+    start = sum(a * b for a, b in geometry.sizes[:lvl])
     m = geometry.padding_mask[:, start: start + h * w].view(-1, h, w)
     return torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()
 
