@@ -3,9 +3,10 @@
 
 Training: horizontal flip (``INPUT.RANDOM_FLIP``), ``ResizeScale(MIN_SCALE, MAX_SCALE)`` of a
 ``IMAGE_SIZE`` square, ``FixedSizeCrop(IMAGE_SIZE)`` (pads smaller images); GT masks as
-bitmasks (polygons are rasterised before the transforms, so cropping needs no shapely), boxes recomputed from the masks, and instances whose mask is empty after the crop
-dropped (the official mapper keeps them when their cropped polygon degenerates: Mask2Former
-issue #215). Testing: detectron2's default mapper (resize to ``MIN_SIZE_TEST``), as the
+bitmasks (polygons are rasterised before the transforms, so cropping needs no shapely),
+boxes recomputed from the masks, and instances whose mask is empty after the crop dropped
+(the official mapper keeps them when their cropped polygon degenerates: Mask2Former issue
+#215). Testing: detectron2's default mapper (resize to ``MIN_SIZE_TEST``), as the
 official recipe does.
 """
 import copy

@@ -18,7 +18,8 @@ from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
 from torch import nn
 
 from maskfrozen.modeling.criterion import HungarianMatcher, QuerySet, SetCriterion
-from maskfrozen.modeling.postprocess import boxes_from_masks, instances_to_output_size, mask_prob_score, top_query_class_pairs
+from maskfrozen.modeling.postprocess import (boxes_from_masks, instances_to_output_size, mask_prob_score,
+                                             top_query_class_pairs)
 from maskfrozen.modeling.registries import PIXEL_DECODER_REGISTRY, TRANSFORMER_DECODER_REGISTRY, build_from_registry
 
 from .interface import DecoderOutput, TrainingInputs, TransformerDecoderBase
