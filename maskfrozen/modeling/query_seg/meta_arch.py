@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
+from detectron2.structures import ImageList, Instances
 from torch import nn
 
 from maskfrozen.modeling.criterion import HungarianMatcher, QuerySet, SetCriterion
+from maskfrozen.modeling.gt_masks import padded_gt_masks
 from maskfrozen.modeling.postprocess import (boxes_from_masks, instances_to_output_size, mask_prob_score,
                                              top_query_class_pairs)
 from maskfrozen.modeling.registries import PIXEL_DECODER_REGISTRY, TRANSFORMER_DECODER_REGISTRY, build_from_registry
@@ -117,19 +118,11 @@ class QuerySegmentor(nn.Module):
     # ------------------------------------------------------------------ training
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> Targets:
         """Per image ``labels [T]`` and ``masks [T, H, W]`` bool over the padded image."""
-        padded_h, padded_w = images.tensor.shape[-2:]
+        padded = tuple(images.tensor.shape[-2:])
         targets = []
         for x in batched_inputs:
-            inst = x.get("instances")
-            if inst is None or not inst.has("gt_masks"):
-                raise KeyError(f"{type(self).__name__} training needs instances with gt_masks in every input "
-                               f"(file {x.get('file_name', '?')!r}); is MODEL.MASK_ON True and the dataset segmented?")
-            masks = inst.gt_masks
-            if isinstance(masks, PolygonMasks):
-                masks = BitMasks.from_polygon_masks(masks, *inst.image_size)
-            masks = masks.tensor.to(self.device, torch.bool)
-            masks = F.pad(masks, (0, padded_w - masks.shape[-1], 0, padded_h - masks.shape[-2]))
-            targets.append({"labels": inst.gt_classes.to(self.device).long(), "masks": masks})
+            masks = padded_gt_masks(x, padded, self.device, type(self).__name__)  # also checks the instances
+            targets.append({"labels": x["instances"].gt_classes.to(self.device).long(), "masks": masks})
         return targets
 
     def losses(self, decoded: DecoderOutput, targets: Targets) -> Dict[str, torch.Tensor]:
