@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
+from detectron2.structures import ImageList, Instances
 from torch import nn
 
+from maskfrozen.modeling.gt_masks import padded_gt_masks
 from maskfrozen.modeling.postprocess import boxes_from_masks, instances_to_output_size
 
 from .head import MaskBranch, SOTRHead, level_features
@@ -115,18 +116,11 @@ class SOTR(nn.Module):
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
         """Boxes (XYXY input pixels), labels and bool masks over the padded image."""
-        padded_h, padded_w = images.tensor.shape[-2:]
+        padded = tuple(images.tensor.shape[-2:])
         targets = []
         for x in batched_inputs:
+            masks = padded_gt_masks(x, padded, self.device, type(self).__name__)  # also checks the instances
             inst = x["instances"].to(self.device)
-            if not inst.has("gt_masks"):
-                raise KeyError(f"SOTR training needs GT masks, but the instances of {x.get('file_name', 'an image')!r} "
-                               "have none (annotations without 'segmentation', or MODEL.MASK_ON False)")
-            masks = inst.gt_masks
-            if isinstance(masks, PolygonMasks):
-                masks = BitMasks.from_polygon_masks(masks, *inst.image_size)
-            masks = masks.tensor.to(self.device, torch.bool)
-            masks = F.pad(masks, (0, padded_w - masks.shape[-1], 0, padded_h - masks.shape[-2]))
             targets.append({"boxes": inst.gt_boxes.tensor, "labels": inst.gt_classes, "masks": masks})
         return targets
 
