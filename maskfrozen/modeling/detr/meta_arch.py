@@ -33,6 +33,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from maskfrozen.modeling.inputs import normalized_image_batch
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from maskfrozen.layers.position_encoding import PositionEmbeddingSine
 from maskfrozen.modeling.criterion import (HungarianMatcher, QuerySet, SetCriterion, class_agnostic_targets,
@@ -185,8 +186,7 @@ class DeformableDETRFamily(nn.Module):
         return self.losses(self.detect(images, targets), targets)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        return normalized_image_batch(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
     def detect(self, images: ImageList, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> DetectorOutputs:
         """Backbone, neck and transformer on a preprocessed batch (no post-processing);

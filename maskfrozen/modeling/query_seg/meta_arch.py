@@ -17,6 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
+from maskfrozen.modeling.inputs import normalized_image_batch
 from maskfrozen.modeling.criterion import HungarianMatcher, QuerySet, SetCriterion
 from maskfrozen.modeling.gt_masks import padded_gt_masks
 from maskfrozen.modeling.postprocess import (boxes_from_masks, instances_to_output_size, mask_prob_score,
@@ -112,8 +113,7 @@ class QuerySegmentor(nn.Module):
         return self.losses(decoded, targets)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        return normalized_image_batch(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
     # ------------------------------------------------------------------ training
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> Targets:

@@ -19,6 +19,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
+from maskfrozen.modeling.inputs import normalized_image_batch
 from maskfrozen.modeling.gt_masks import padded_gt_masks
 from maskfrozen.modeling.postprocess import boxes_from_masks, instances_to_output_size
 
@@ -101,8 +102,7 @@ class SOTR(nn.Module):
         return self.inference(logits, kernels, mask_feature, batched_inputs, images)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        return normalized_image_batch(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
     def predict(self, images: ImageList):
         """-> (class logits ``[B, N, N, K]`` and kernels ``[B, N, N, D]`` per level, ``F [B, D, H/4, W/4]``)."""
