@@ -135,6 +135,7 @@ def add_maskfrozen_config(cfg: CN) -> None:
     add_mask2former_config(cfg)
     add_co_detr_config(cfg)
     add_sotr_config(cfg)
+    add_fastinst_config(cfg)
 
 
 def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
@@ -218,6 +219,33 @@ def add_mask2former_config(cfg: CN) -> None:
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
+
+
+def add_fastinst_config(cfg: CN) -> None:
+    """FastInst's decoder (``FastInstDecoder`` on the ``QuerySegmentor`` meta-arch) under the
+    official ``MODEL.FASTINST`` names; defaults = configs/coco/fastinst/fastinst_R50_ppm-fpn_x1_576.yaml
+    (D1). The meta-arch's shared keys (loss weights, sampled points, size divisibility, test)
+    stay in ``MODEL.MASK_FORMER``: where the official yaml has them under ``MODEL.FASTINST``,
+    ours has them there. Also the ``fastinst_instance`` mapper's crop-branch resize keys."""
+    cfg.MODEL.FASTINST = CN()
+    f = cfg.MODEL.FASTINST
+    f.HIDDEN_DIM = 256  # = SEM_SEG_HEAD.CONVS_DIM (the queries are pixel features)
+    f.NUM_OBJECT_QUERIES = 100
+    f.NUM_AUX_QUERIES = 8
+    f.NHEADS = 8
+    f.DROPOUT = 0.0
+    f.DIM_FEEDFORWARD = 1024
+    f.DEC_LAYERS = 1  # D1; D3 = 3 (official meaning: decoder layers, no +1)
+    f.PRE_NORM = False
+    f.LOCATION_WEIGHT = 1000.0
+    f.PROPOSAL_WEIGHT = 20.0
+    f.GT_GUIDED = True  # GT-mask-guided learning (training only)
+    # fastinst_instance mapper: with probability 0.5 a resize (shortest edge from MIN_SIZE) +
+    # RandomCrop(CROP.TYPE, CROP.SIZE) runs before the usual resize + flip
+    cfg.INPUT.CROP.RESIZE = CN()
+    cfg.INPUT.CROP.RESIZE.ENABLED = False
+    cfg.INPUT.CROP.RESIZE.MIN_SIZE = (800,)
+    cfg.INPUT.CROP.RESIZE.MIN_SIZE_TRAIN_SAMPLING = "choice"
 
 
 def add_sotr_config(cfg: CN) -> None:

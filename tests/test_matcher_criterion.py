@@ -64,7 +64,7 @@ def test_matcher_equals_brute_force_with_all_costs():
 
 def test_matcher_rejects_nan_and_unknown_cost():
     with pytest.raises(ValueError, match="no cost function"):
-        HungarianMatcher({"location": 1.0})
+        HungarianMatcher({"elevation": 1.0})
     outputs = {"pred_logits": torch.full((1, 2, 2), float("nan")), "pred_boxes": torch.rand(1, 2, 4)}
     targets = [{"labels": torch.tensor([0]), "boxes": torch.rand(1, 4)}]
     with pytest.raises(FloatingPointError, match="non-finite"):

@@ -58,7 +58,8 @@ def drop_empty_masks(instances: Instances) -> Instances:
 
 
 class LSJInstanceMapper:
-    """Training mapper: image + LSJ-transformed instances with non-empty bitmasks."""
+    """Training mapper: the image and its instances through the given augmentations (LSJ, or
+    FastInst's resize + crop), GT as bitmasks, instances with an empty mask dropped."""
 
     def __init__(self, augmentations: List[T.Augmentation], image_format: str):
         self.augmentations = T.AugmentationList(augmentations)

@@ -7,6 +7,7 @@ from .losses import (  # noqa: F401
     class_loss_focal,
     class_loss_softmax,
     giou_cost,
+    location_cost,
     matched_query_index,
     matched_targets,
 )

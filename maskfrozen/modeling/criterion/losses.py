@@ -14,6 +14,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, generalized_box_iou_loss
 
+from .point_sampling import point_sample
+
 __all__ = [
     "Indices",
     "matched_query_index",
@@ -25,6 +27,7 @@ __all__ = [
     "class_cost_softmax",
     "box_l1_cost",
     "giou_cost",
+    "location_cost",
 ]
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -127,3 +130,14 @@ def box_l1_cost(pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tens
 def giou_cost(pred_boxes: torch.Tensor, tgt_boxes: torch.Tensor) -> torch.Tensor:
     """``[Q, 4]``, ``[T, 4]`` (cx, cy, w, h) -> ``[Q, T]`` cost ``-GIoU``."""
     return -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+
+
+def location_cost(locations: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """FastInst's location cost: ``[Q, 2]`` normalised (x, y) query locations, ``[T, H, W]``
+    target masks -> ``[Q, T]``, -1 where the location lies inside the mask (bilinear read
+    > 0), else 0: with a large weight only queries inside an object can be matched to it."""
+    if len(masks) == 0:
+        return locations.new_zeros(len(locations), 0)
+    coords = locations[None].expand(len(masks), -1, -1)
+    inside = point_sample(masks[:, None].to(locations.dtype), coords)[:, 0] > 0  # [T, Q]
+    return -inside.t().to(locations.dtype)

@@ -3,7 +3,8 @@
 Costs by name: "class" (focal or softmax), "bbox" (L1), "giou", and the point-sampled
 mask costs "mask" (sigmoid BCE) and "dice" (Mask2Former): the predicted and target masks
 of an image are read at the same ``num_mask_points`` uniform points, shared by all its
-queries and targets; more costs (e.g. FastInst's location cost) plug in by name.
+queries and targets; and FastInst's "location" (is the query's pixel inside the GT mask).
+More costs plug in by name through ``cost_fns``.
 """
 from functools import partial
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -12,7 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .losses import Indices, box_l1_cost, class_cost_focal, class_cost_softmax, giou_cost
+from .losses import Indices, box_l1_cost, class_cost_focal, class_cost_softmax, giou_cost, location_cost
 from .mask_losses import dice_cost, sigmoid_bce_cost
 from .point_sampling import point_sample
 
@@ -33,7 +34,8 @@ def point_mask_costs(pred_masks: torch.Tensor, tgt_masks: torch.Tensor, coords: 
 
 
 def default_cost_fns(class_cost: str = "focal", focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Dict[str, CostFn]:
-    """The box-detector costs: "class" (focal or softmax), "bbox" (L1), "giou"."""
+    """The costs by name: "class" (focal or softmax), "bbox" (L1), "giou", the point-sampled
+    "mask" / "dice", and FastInst's "location" (``query_locations`` inside the GT mask)."""
     if class_cost == "focal":
         cls = partial(class_cost_focal, alpha=focal_alpha, gamma=focal_gamma)
     elif class_cost == "softmax":
@@ -46,6 +48,7 @@ def default_cost_fns(class_cost: str = "focal", focal_alpha: float = 0.25, focal
         "giou": lambda out, tgt: giou_cost(out["pred_boxes"], tgt["boxes"]),
         "mask": lambda out, tgt: out["mask_costs"]["mask"],
         "dice": lambda out, tgt: out["mask_costs"]["dice"],
+        "location": lambda out, tgt: location_cost(out["query_locations"], tgt["masks"]),
     }
 
 

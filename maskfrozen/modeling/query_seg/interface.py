@@ -16,7 +16,7 @@ FastInst) is only a pixel decoder and a transformer decoder registered by name:
   ``SetCriterion``.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,14 +33,16 @@ class PixelDecoderSpec:
     feature_channels: int  # C of every multi-scale feature map
     mask_dim: int  # D of the per-pixel mask embedding
     feature_strides: Sequence[int]  # stride of each multi-scale level, coarsest first
-    mask_stride: int = 4  # stride of the mask features
+    mask_stride: Optional[int] = 4  # stride of the mask features (None: the decoder makes its own)
 
 
 @dataclass
 class PixelDecoderOutput:
     """Pixel decoder result for a batch of ``N`` padded images."""
 
-    mask_features: torch.Tensor  # [N, D, H/4, W/4] per-pixel embeddings F (masks = e_q . F)
+    # [N, D, H/4, W/4] per-pixel embeddings F (masks = e_q . F); None when the transformer
+    # decoder projects its own (FastInst: per-layer projections of its refined 1/8 pixels)
+    mask_features: Optional[torch.Tensor]
     multi_scale_features: List[torch.Tensor]  # per level [N, C, H_l, W_l], coarsest first (1/32, 1/16, 1/8)
 
 

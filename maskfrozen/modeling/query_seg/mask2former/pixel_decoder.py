@@ -22,6 +22,7 @@ from torch import nn
 from maskfrozen.layers import DeformableEncoder, PositionEmbeddingSine, flatten_levels
 from maskfrozen.modeling.registries import PIXEL_DECODER_REGISTRY
 
+from ..fpn import fpn_convs, top_down_merge
 from ..interface import PixelDecoderOutput, PixelDecoderSpec
 
 __all__ = ["MSDeformAttnPixelDecoder"]
@@ -61,14 +62,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # FPN levels finer than the encoder's, finest first (official adapter_1 / layer_1 = res2)
         fpn = [k for k, s in shapes if common_stride <= s.stride < min_stride]
         self.fpn_features = fpn
-        use_bias = norm == ""
-        self.lateral_convs = nn.ModuleList(
-            Conv2d(input_shape[k].channels, conv_dim, 1, bias=use_bias, norm=get_norm(norm, conv_dim)) for k in fpn)
-        self.output_convs = nn.ModuleList(
-            Conv2d(conv_dim, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim), activation=F.relu)
-            for _ in fpn)
-        for conv in [*self.lateral_convs, *self.output_convs]:
-            weight_init.c2_xavier_fill(conv)
+        convs = [fpn_convs(input_shape[k].channels, conv_dim, norm) for k in fpn]
+        self.lateral_convs = nn.ModuleList(lateral for lateral, _ in convs)
+        self.output_convs = nn.ModuleList(output for _, output in convs)
         self.conv_dim, self.mask_dim = conv_dim, mask_dim
         self.mask_stride = input_shape[fpn[0]].stride if fpn else min_stride
 
@@ -104,7 +100,5 @@ class MSDeformAttnPixelDecoder(nn.Module):
         levels = self.encode(features)
         out = levels[-1]
         for j in reversed(range(len(self.fpn_features))):  # top-down: coarsest FPN level first
-            feature, lateral, output = self.fpn_features[j], self.lateral_convs[j], self.output_convs[j]
-            x = lateral(features[feature])
-            out = output(x + F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False))
+            out = top_down_merge(out, features[self.fpn_features[j]], self.lateral_convs[j], self.output_convs[j])
         return PixelDecoderOutput(self.mask_features(out), levels)

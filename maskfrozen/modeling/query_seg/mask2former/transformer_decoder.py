@@ -23,19 +23,10 @@ from torch import nn
 from maskfrozen.layers import MLP, CrossAttentionLayer, FFNLayer, PositionEmbeddingSine, SelfAttentionLayer
 from maskfrozen.modeling.registries import TRANSFORMER_DECODER_REGISTRY
 
+from ..attention_masks import attention_mask_from_masks
 from ..interface import DecoderOutput, PixelDecoderOutput, PixelDecoderSpec, TrainingInputs, TransformerDecoderBase
 
 __all__ = ["MultiScaleMaskedTransformerDecoder", "attention_mask_from_masks"]
-
-
-def attention_mask_from_masks(mask_logits: torch.Tensor, size: Tuple[int, int], nhead: int) -> torch.Tensor:
-    """``[B, Q, h, w]`` mask logits -> ``[B * nhead, Q, H*W]`` bool masked-attention mask at
-    ``size``: True where sigmoid < 0.5 (may not attend); rows that would mask every
-    position are cleared (the query attends everywhere)."""
-    resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
-    mask = (resized.sigmoid().flatten(2) < 0.5).detach()
-    mask[mask.all(-1)] = False
-    return mask.repeat_interleave(nhead, dim=0)
 
 
 class _FlattenedLevels:
