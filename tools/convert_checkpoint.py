@@ -16,7 +16,10 @@ Mask2Former checkpoint (model-zoo ``.pkl`` with ``--allow-pickle``, or ``.pth``)
 ``QuerySegmentor``, e.g. with ``--config-file configs/coco/mask2former/maskformer2_R50_bs16_50ep.yaml``;
 ``--format co_detr`` a public Co-DINO (mmdet) checkpoint for a DETR config with ``MODEL.CO_DETR``
 (its auxiliary heads as ``MODEL.CO_DETR.AUX_HEADS`` says, or the detector alone when Co-DETR is off),
-e.g. with ``--config-file configs/coco/co_detr/co_dino_R50_5scale_12ep.yaml``.
+e.g. with ``--config-file configs/coco/co_detr/co_dino_R50_5scale_12ep.yaml``; ``--format fastinst`` an
+official FastInst checkpoint (junjiehe96/FastInst ``.pth``, or a ``.pkl`` with ``--allow-pickle``) for
+``QuerySegmentor`` with ``FastInstDecoder``, e.g. ``fastinst_R50_ppm-fpn_x1_576_*.pth`` with
+``--config-file configs/coco/fastinst/fastinst_R50_ppm-fpn_x1_576.yaml`` (D3: ``..._x3_640.yaml``).
 """
 import argparse
 import os
@@ -32,6 +35,7 @@ import maskfrozen  # noqa: E402,F401  (registers the models)
 from maskfrozen.checkpoint import (  # noqa: E402
     KEY_TABLES, ConversionCoverageError, ConversionReport, convert_detr_state_dict, load_model_tensors)
 from maskfrozen.checkpoint.co_detr_converter import convert_co_detr_state_dict  # noqa: E402
+from maskfrozen.checkpoint.fastinst_converter import convert_fastinst_state_dict  # noqa: E402
 from maskfrozen.checkpoint.mask2former_converter import (  # noqa: E402
     convert_mask2former_state_dict, load_mask2former_checkpoint)
 from maskfrozen.config import load_config  # noqa: E402
@@ -47,6 +51,7 @@ def _co_detr(source, target, cfg):
 OTHER_FORMATS = {
     "mask2former": (load_mask2former_checkpoint, lambda source, target, cfg: convert_mask2former_state_dict(source, target)),
     "co_detr": (load_model_tensors, _co_detr),
+    "fastinst": (load_mask2former_checkpoint, lambda source, target, cfg: convert_fastinst_state_dict(source, target)),
 }
 
 
