@@ -1,7 +1,7 @@
 """Instance post-processing shared by the query-based mask models (Mask Frozen-DETR,
 Mask2Former, FastInst): top-k selection, mask-quality scores, boxes from masks, and
 resizing to the requested output size."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,24 +47,35 @@ def boxes_from_masks(masks: torch.Tensor) -> Boxes:
     return BitMasks(masks.bool()).get_bounding_boxes()
 
 
+def _resized_masks(probs: torch.Tensor, height: int, width: int, threshold: float) -> torch.Tensor:
+    """``[N, h, w]`` probabilities -> ``[N, height, width]`` bool (bilinear; same size: as is)."""
+    if len(probs) and tuple(probs.shape[-2:]) != (height, width):
+        probs = F.interpolate(probs[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    elif not len(probs):
+        probs = probs.new_zeros((0, height, width))
+    return probs > threshold
+
+
 def instances_to_output_size(
-    instances: Instances, output_height: int, output_width: int, mask_threshold: float = 0.5
+    instances: Instances, output_height: int, output_width: int, mask_threshold: float = 0.5,
+    shared_mask_probs: Optional[torch.Tensor] = None,
 ) -> Instances:
     """Rescale predictions from the network input size to the requested output size.
 
     Boxes are scaled and clipped and empty boxes dropped (detectron2's
     ``detector_postprocess``). Masks may be given as ``pred_masks`` ``[N, 1, M, M]`` RoI
-    probabilities (pasted into their boxes at the output size) or as
-    ``pred_mask_probs`` ``[N, h, w]`` probabilities over the input image (resized
-    bilinearly); either ends as boolean ``pred_masks [N, H_out, W_out]``.
+    probabilities (pasted into their boxes at the output size), as ``pred_mask_probs``
+    ``[N, h, w]`` probabilities over the input image (resized bilinearly), or as
+    ``shared_mask_probs [U, h, w]`` with a ``pred_mask_index [N]`` field naming each
+    detection's row (one mask reported with several classes is resized once); any of them
+    ends as boolean ``pred_masks [N, H_out, W_out]``.
     """
     results = detector_postprocess(instances, output_height, output_width, mask_threshold)
     if results.has("pred_mask_probs"):
-        probs = results.pred_mask_probs
+        results.pred_masks = _resized_masks(results.pred_mask_probs, output_height, output_width, mask_threshold)
         results.remove("pred_mask_probs")
-        if len(probs):
-            probs = F.interpolate(probs[:, None], size=(output_height, output_width), mode="bilinear", align_corners=False)[:, 0]
-        else:
-            probs = probs.new_zeros((0, output_height, output_width))
-        results.pred_masks = probs > mask_threshold
+    elif shared_mask_probs is not None:
+        masks = _resized_masks(shared_mask_probs, output_height, output_width, mask_threshold)
+        results.pred_masks = masks[results.pred_mask_index]
+        results.remove("pred_mask_index")
     return results

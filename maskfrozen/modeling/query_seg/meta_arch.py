@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from maskfrozen.modeling.inputs import normalized_image_batch
@@ -137,19 +137,21 @@ class QuerySegmentor(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """Top-k (query, class) pairs by p_class; score x mean mask probability; boxes from masks."""
+        """Top-k (query, class) pairs by p_class; score x mean mask probability; boxes from
+        masks. A query picked with several classes has its mask upsampled once."""
         padded = images.tensor.shape[-2:]
         results = []
         for logits, mask_logits, x, (h, w) in zip(outputs["pred_logits"], outputs["pred_masks"], batched_inputs,
                                                   images.image_sizes):
             query, label, score = top_query_class_pairs(logits.softmax(-1)[:, :-1], self.test_topk)
-            probs = F.interpolate(mask_logits[query][None], size=padded, mode="bilinear", align_corners=False)
+            unique, pair_to_unique = torch.unique(query, return_inverse=True)
+            probs = F.interpolate(mask_logits[unique][None], size=padded, mode="bilinear", align_corners=False)
             probs = probs[0, :, :h, :w].sigmoid()
             inst = Instances((h, w))
-            inst.scores = score * mask_prob_score(probs, self.mask_threshold)
+            inst.scores = score * mask_prob_score(probs, self.mask_threshold)[pair_to_unique]
             inst.pred_classes = label
-            inst.pred_boxes = boxes_from_masks(probs > self.mask_threshold)
-            inst.pred_mask_probs = probs
+            inst.pred_boxes = Boxes(boxes_from_masks(probs > self.mask_threshold).tensor[pair_to_unique])
+            inst.pred_mask_index = pair_to_unique
             out_h, out_w = x.get("height", h), x.get("width", w)
-            results.append({"instances": instances_to_output_size(inst, out_h, out_w, self.mask_threshold)})
+            results.append({"instances": instances_to_output_size(inst, out_h, out_w, self.mask_threshold, probs)})
         return results
