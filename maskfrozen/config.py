@@ -202,6 +202,9 @@ def add_mask2former_config(cfg: CN) -> None:
     m.SIZE_DIVISIBILITY = 32
     m.DEC_LAYERS = 10  # official meaning: 9 decoder layers + 1 for the prediction on the learnable queries
     m.TRAIN_NUM_POINTS = 12544
+    # masked attention also allowed on the d cells around each predicted mask (0 = the papers);
+    # our shapes recipes use 1: flat-coloured shapes differ only by their outline
+    m.ATTN_MASK_DILATION = 0
     m.OVERSAMPLE_RATIO = 3.0
     m.IMPORTANCE_SAMPLE_RATIO = 0.75
     # accepted so official yaml files load; only these values are supported (checked at build)

@@ -80,6 +80,19 @@ def test_attention_mask_resized_from_the_previous_prediction():
     assert mask.view(2, 2).tolist() == [[False, True], [True, True]]
 
 
+def test_attention_mask_dilation_opens_the_ring_around_the_mask_and_extra_queries_attend_everywhere():
+    """One query's mask = the centre cell of 5 x 5: dilation 1 allows the 3 x 3 block around
+    it (the other cells stay masked); an extra (auxiliary) query row is all False."""
+    logits = torch.full((1, 1, 5, 5), -5.0)
+    logits[0, 0, 2, 2] = 5.0
+    allowed = ~attention_mask_from_masks(logits, (5, 5), 2, extra_queries=1, dilation=1)
+    assert allowed.shape == (2, 2, 25) and torch.equal(allowed[0], allowed[1])  # repeated per head
+    ring = torch.zeros(5, 5, dtype=torch.bool)
+    ring[1:4, 1:4] = True
+    assert torch.equal(allowed[0, 0].view(5, 5), ring) and bool(allowed[0, 1].all())
+    assert int((~attention_mask_from_masks(logits, (5, 5), 1)).sum()) == 1  # dilation 0: the paper's
+
+
 # ---------------------------------------------------------------------- matching costs
 def test_point_sampled_matcher_cost_close_to_dense_cost():
     """The matcher's point-sampled BCE / dice costs (uniform random points shared by the

@@ -24,11 +24,16 @@ def _finish(mask: torch.Tensor, nhead: int, extra_queries: int) -> torch.Tensor:
 
 
 def attention_mask_from_masks(mask_logits: torch.Tensor, size: Tuple[int, int], nhead: int,
-                              extra_queries: int = 0) -> torch.Tensor:
+                              extra_queries: int = 0, dilation: int = 0) -> torch.Tensor:
     """Masked attention M(q, p) = [sigmoid(mask_q(p)) < 0.5] from ``[B, Q, h', w']`` mask
-    logits resized (bilinear) to ``size`` (Mask2Former / FastInst)."""
+    logits resized (bilinear) to ``size`` (Mask2Former / FastInst). ``dilation`` d > 0 (not in
+    the papers; 0 = theirs) also lets a query attend to the d cells around its mask (a
+    (2d+1) x (2d+1) max filter of the allowed region), so that it sees its object's outline."""
     resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
-    return _finish(resized.sigmoid().flatten(2) < 0.5, nhead, extra_queries)
+    allowed = resized.sigmoid() >= 0.5
+    if dilation > 0:
+        allowed = F.max_pool2d(allowed.to(resized.dtype), 2 * dilation + 1, stride=1, padding=dilation) > 0
+    return _finish(~allowed.flatten(2), nhead, extra_queries)
 
 
 def attention_mask_from_gt(indices: Indices, targets: Sequence[Mapping[str, torch.Tensor]], num_queries: int,

@@ -85,7 +85,7 @@ class FastInstDecoder(TransformerDecoderBase):
     def __init__(self, spec: PixelDecoderSpec, *, num_classes: int, hidden_dim: int, num_queries: int,
                  num_aux_queries: int, nheads: int, dim_feedforward: int, dec_layers: int, pre_norm: bool = False,
                  dropout: float = 0.0, class_weight: float = 2.0, location_weight: float = 1000.0,
-                 proposal_weight: float = 20.0, gt_guided: bool = True):
+                 proposal_weight: float = 20.0, gt_guided: bool = True, attn_mask_dilation: int = 0):
         super().__init__()
         if spec.feature_channels != hidden_dim or len(spec.feature_strides) != 3:
             raise ValueError(f"FastInstDecoder: the pixel decoder must give 3 levels of HIDDEN_DIM={hidden_dim} "
@@ -93,6 +93,7 @@ class FastInstDecoder(TransformerDecoderBase):
                              f"{spec.feature_channels}")
         self.num_queries, self.num_aux_queries, self.num_heads = num_queries, num_aux_queries, nheads
         self.location_weight, self.proposal_weight, self.gt_guided = location_weight, proposal_weight, gt_guided
+        self.attn_mask_dilation = attn_mask_dilation
         pos_size = int(round(num_queries ** 0.5))
         self.meta_pos_embed = nn.Parameter(torch.empty(hidden_dim, pos_size, pos_size).normal_(std=0.02))
         self.aux_query_feat = nn.Embedding(num_aux_queries, hidden_dim) if num_aux_queries else None
@@ -117,6 +118,7 @@ class FastInstDecoder(TransformerDecoderBase):
             "dim_feedforward": f.DIM_FEEDFORWARD, "dec_layers": f.DEC_LAYERS, "pre_norm": f.PRE_NORM,
             "dropout": f.DROPOUT, "class_weight": cfg.MODEL.MASK_FORMER.CLASS_WEIGHT,
             "location_weight": f.LOCATION_WEIGHT, "proposal_weight": f.PROPOSAL_WEIGHT, "gt_guided": f.GT_GUIDED,
+            "attn_mask_dilation": cfg.MODEL.MASK_FORMER.ATTN_MASK_DILATION,
         }
 
     def extra_matcher_costs(self) -> Dict[str, Tuple[float, CostFn]]:
@@ -150,7 +152,7 @@ class FastInstDecoder(TransformerDecoderBase):
         predictions = [self.predict(0, state, size, with_class=training is not None or last == 0)]
         for i, layer in enumerate(self.layers):
             attn_mask = attention_mask_from_masks(predictions[-1]["pred_masks"], size, self.num_heads,
-                                                  self.num_aux_queries)
+                                                  self.num_aux_queries, self.attn_mask_dilation)
             state = layer(state, query_pos, pixel_pos, attn_mask)
             states.append(state)
             predictions.append(self.predict(i + 1, state, size, with_class=training is not None or i + 1 == last))

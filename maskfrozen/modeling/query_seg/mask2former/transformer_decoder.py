@@ -49,9 +49,10 @@ class MultiScaleMaskedTransformerDecoder(TransformerDecoderBase):
     @configurable
     def __init__(self, spec: PixelDecoderSpec, *, num_classes: int, hidden_dim: int, num_queries: int, nheads: int,
                  dim_feedforward: int, dec_layers: int, pre_norm: bool = False, dropout: float = 0.0,
-                 enforce_input_project: bool = False):
+                 enforce_input_project: bool = False, attn_mask_dilation: int = 0):
         super().__init__()
         self.num_heads, self.num_layers = nheads, dec_layers
+        self.attn_mask_dilation = attn_mask_dilation
         self.num_feature_levels = len(spec.feature_strides)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.cross_attention_layers = nn.ModuleList(
@@ -88,6 +89,7 @@ class MultiScaleMaskedTransformerDecoder(TransformerDecoderBase):
             "num_queries": m.NUM_OBJECT_QUERIES, "nheads": m.NHEADS, "dim_feedforward": m.DIM_FEEDFORWARD,
             "dec_layers": m.DEC_LAYERS - 1,  # official: one of DEC_LAYERS is the prediction on X_0
             "pre_norm": m.PRE_NORM, "dropout": m.DROPOUT, "enforce_input_project": m.ENFORCE_INPUT_PROJ,
+            "attn_mask_dilation": m.ATTN_MASK_DILATION,
         }
 
     def prediction_heads(self, x: torch.Tensor, mask_features: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -105,7 +107,8 @@ class MultiScaleMaskedTransformerDecoder(TransformerDecoderBase):
         predictions = [self.prediction_heads(x, pixels.mask_features)]
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
-            attn_mask = attention_mask_from_masks(predictions[-1]["pred_masks"], levels.sizes[lvl], self.num_heads)
+            attn_mask = attention_mask_from_masks(predictions[-1]["pred_masks"], levels.sizes[lvl], self.num_heads,
+                                                  dilation=self.attn_mask_dilation)
             x = self.cross_attention_layers[i](x, levels.src[lvl], query_pos, levels.pos[lvl], attn_mask=attn_mask)
             x = self.self_attention_layers[i](x, query_pos)
             x = self.ffn_layers[i](x)
