@@ -17,6 +17,19 @@ def make_cfg(config_file: str, output_dir: str, *opts):
     return load_config(config_file, ["OUTPUT_DIR", str(output_dir), *opts])
 
 
+def overfit_loss_history(model, batch, steps: int, lr: float):
+    """Total training loss of ``model`` at each of ``steps`` AdamW steps on one fixed batch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    return history
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one thread: tiny models are dispatch-bound, so one thread is as fast

@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
 import maskfrozen  # noqa: F401  (registers the models)
-from conftest import REPO, make_cfg
+from conftest import REPO, make_cfg, overfit_loss_history
 from maskfrozen.modeling.criterion import HungarianMatcher, location_cost
 from maskfrozen.modeling.query_seg.fastinst import (InstanceActivationQueries, grid_locations, local_maxima,
                                                     proposal_loss)
@@ -205,14 +205,7 @@ def test_tiny_config_overfits_one_image(tmp_path, one_thread):
     torch.manual_seed(0)
     model = tiny_model(tmp_path).train()
     batch = synthetic_inputs(1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(30):
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = overfit_loss_history(model, batch, steps=30, lr=1e-3)
     assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5]), history
 
 

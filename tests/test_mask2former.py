@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
 import maskfrozen  # noqa: F401  (registers the models)
-from conftest import REPO, make_cfg
+from conftest import REPO, make_cfg, overfit_loss_history
 from maskfrozen.layers import CrossAttentionLayer
 from maskfrozen.modeling.criterion import HungarianMatcher, QuerySet
 from maskfrozen.modeling.criterion.mask_losses import dice_cost, sigmoid_bce_cost
@@ -133,14 +133,7 @@ def test_tiny_config_overfits_one_image(tmp_path, one_thread):
     torch.manual_seed(0)
     model = tiny_model(tmp_path).train()
     batch = synthetic_inputs(1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(30):
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = overfit_loss_history(model, batch, steps=30, lr=1e-3)
     assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5]), history
 
 

@@ -19,13 +19,12 @@ Checks as in :mod:`.mask2former_converter`: every converted tensor must have the
 keys left without a value. Checkpoint files are read with the one loader of the detectron2-style
 checkpoints, :func:`.mask2former_converter.load_mask2former_checkpoint` (``.pkl`` or torch file).
 """
-import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from .detr_converter import ConversionReport
-from .key_table import convert_by_table, finish_report
+from .key_table import convert_by_table, finish_report, rename_by_table
 
 __all__ = ["FASTINST_TABLE", "convert_fastinst_state_dict"]
 
@@ -85,14 +84,7 @@ FASTINST_TABLE: List[Tuple[str, object]] = [
 
 
 def _rename(key: str) -> Tuple[bool, Optional[str]]:
-    """(matched, new key or None when dropped) by the first matching row."""
-    for pattern, replacement in FASTINST_TABLE:
-        m = re.match(pattern, key)
-        if m is not None:
-            if replacement is None:
-                return True, None
-            return True, replacement(m) if callable(replacement) else m.expand(replacement)
-    return False, None
+    return rename_by_table(FASTINST_TABLE, key)
 
 
 def _transform(key: str, new_key: str, value: torch.Tensor, target_shape: Optional[tuple]) -> torch.Tensor:

@@ -1,16 +1,30 @@
 """The conversion loop every converter shares: rename each checkpoint tensor by the
 converter's key table, optionally transform it (slice class rows, permute anchors), and
 check it against the target model (name and shape), filling a ``ConversionReport``."""
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+import re
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["RenameFn", "TransformFn", "convert_by_table", "finish_report"]
+__all__ = ["RenameFn", "TransformFn", "rename_by_table", "convert_by_table", "finish_report"]
 
 # source key -> (matched a row, new key or None when the row drops it)
 RenameFn = Callable[[str], Tuple[bool, Optional[str]]]
 # (source key, new key, value, target shape or None) -> value
 TransformFn = Callable[[str, str, torch.Tensor, Optional[tuple]], torch.Tensor]
+
+
+def rename_by_table(table: Sequence[Tuple[str, object]], key: str) -> Tuple[bool, Optional[str]]:
+    """(matched, new key) by the first ``(pattern, replacement)`` row whose regex matches
+    ``key``: the replacement is a template (``\\1`` groups), a function of the match, or None
+    (the row drops the key: matched, no new key)."""
+    for pattern, replacement in table:
+        m = re.match(pattern, key)
+        if m is not None:
+            if replacement is None:
+                return True, None
+            return True, replacement(m) if callable(replacement) else m.expand(replacement)
+    return False, None
 
 
 def convert_by_table(source: Mapping[str, torch.Tensor], rename: RenameFn, report,

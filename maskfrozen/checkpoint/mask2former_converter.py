@@ -9,14 +9,13 @@ listed), and the :class:`ConversionReport` lists unused source keys and model ke
 without a value.
 """
 import pickle
-import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .detr_converter import ConversionReport
-from .key_table import convert_by_table, finish_report
+from .key_table import convert_by_table, finish_report, rename_by_table
 from .loading import CheckpointFormatError, load_model_tensors
 
 __all__ = ["MASK2FORMER_TABLE", "convert_mask2former_state_dict", "load_mask2former_checkpoint"]
@@ -66,14 +65,7 @@ MASK2FORMER_TABLE: List[Tuple[str, object]] = [
 
 
 def _rename(key: str) -> Tuple[bool, Optional[str]]:
-    """(matched, new key or None when dropped) by the first matching row."""
-    for pattern, replacement in MASK2FORMER_TABLE:
-        m = re.match(pattern, key)
-        if m is not None:
-            if replacement is None:
-                return True, None
-            return True, replacement(m) if callable(replacement) else m.expand(replacement)
-    return False, None
+    return rename_by_table(MASK2FORMER_TABLE, key)
 
 
 def convert_mask2former_state_dict(
