@@ -125,6 +125,10 @@ class ATSSHead(nn.Module):
     def predict(self, features: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per anchor, levels concatenated: class logits ``[N, A, K]``, deltas ``[N, A, 4]``,
         centerness logits ``[N, A]``."""
+        # atss_reg and atss_centerness read the same map: one conv (bit-identical outputs; the
+        # small separate convs take torch's slow path on the CPU)
+        reg_heads = (self.atss_reg, self.atss_centerness)
+        reg_weight, reg_bias = torch.cat([h.weight for h in reg_heads]), torch.cat([h.bias for h in reg_heads])
         logits, deltas, centerness = [], [], []
         for x, scale in zip(features, self.scales):
             cls_feat, reg_feat = x, x
@@ -132,9 +136,10 @@ class ATSSHead(nn.Module):
                 cls_feat = conv(cls_feat)
             for conv in self.reg_convs:
                 reg_feat = conv(reg_feat)
+            box, ctr = F.conv2d(reg_feat, reg_weight, reg_bias, padding=1).split([4, 1], dim=1)
             logits.append(self.atss_cls(cls_feat).flatten(2).transpose(1, 2))
-            deltas.append((self.atss_reg(reg_feat) * scale).flatten(2).transpose(1, 2))
-            centerness.append(self.atss_centerness(reg_feat).flatten(1))
+            deltas.append((box * scale).flatten(2).transpose(1, 2))
+            centerness.append(ctr.flatten(1))
         return torch.cat(logits, 1), torch.cat(deltas, 1), torch.cat(centerness, 1)
 
     def forward(self, features: List[torch.Tensor], gt_boxes: Sequence[torch.Tensor],

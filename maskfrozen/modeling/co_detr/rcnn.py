@@ -15,6 +15,12 @@ foreground proposals, their assigned GT and their mean-pooled RoI feature.
 
 The RPN anchors are Detectron2's size-major order (mmdet's is ratio-major): the Co-DETR
 checkpoint converter permutes ``rpn_cls`` / ``rpn_reg`` accordingly.
+
+Three of those parts are drop-in subclasses with the same parameters and results, for the
+CPU training cost: ``TruncatedNMSRPN`` / ``FusedRPNHead`` (:mod:`.rpn`: the proposal NMS
+stops once ``post_nms_topk`` boxes per level survive; the two 1x1 output convs run as
+one) and ``SparseGradROIPooler`` (:mod:`.roi_align`: torchvision's RoIAlign forward, its
+backward as one sparse matrix product).
 """
 import math
 from typing import Dict, List, Sequence, Tuple
@@ -24,8 +30,6 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
-from detectron2.modeling.poolers import ROIPooler
-from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
@@ -33,6 +37,8 @@ from detectron2.structures import ImageList, Instances
 from torch import nn
 
 from .atss import AuxPositives
+from .roi_align import SparseGradROIPooler
+from .rpn import FusedRPNHead, TruncatedNMSRPN
 
 __all__ = ["FasterRCNNAuxHead", "rpn_anchor_sizes"]
 
@@ -64,9 +70,9 @@ class FasterRCNNAuxHead(nn.Module):
         sizes = rpn_anchor_sizes(strides, rpn_anchor_scale, rpn_scales_per_octave)
         anchor_generator = DefaultAnchorGenerator(sizes=sizes, aspect_ratios=[list(rpn_aspect_ratios)],
                                                   strides=list(strides), offset=0.0)
-        self.rpn = RPN(
+        self.rpn = TruncatedNMSRPN(
             in_features=names,
-            head=StandardRPNHead(in_channels=channels, num_anchors=anchor_generator.num_anchors[0]),
+            head=FusedRPNHead(in_channels=channels, num_anchors=anchor_generator.num_anchors[0]),
             anchor_generator=anchor_generator,
             anchor_matcher=Matcher(list(rpn_iou_thresholds), [0, -1, 1], allow_low_quality_matches=True),
             box2box_transform=Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0)),
@@ -80,10 +86,10 @@ class FasterRCNNAuxHead(nn.Module):
         box_head = FastRCNNConvFCHead(pooled, conv_dims=[], fc_dims=[fc_dim] * num_fc)
         self.roi_heads = StandardROIHeads(
             box_in_features=roi_names,
-            box_pooler=ROIPooler((pooler_resolution, pooler_resolution), [1.0 / s for s in strides[:num_roi_levels]],
-                                 sampling_ratio=pooler_sampling_ratio, pooler_type="ROIAlignV2",
-                                 canonical_box_size=canonical_box_size,
-                                 canonical_level=min_level),
+            box_pooler=SparseGradROIPooler((pooler_resolution, pooler_resolution),
+                                           [1.0 / s for s in strides[:num_roi_levels]],
+                                           sampling_ratio=pooler_sampling_ratio, pooler_type="ROIAlignV2",
+                                           canonical_box_size=canonical_box_size, canonical_level=min_level),
             box_head=box_head,
             box_predictor=FastRCNNOutputLayers(
                 box_head.output_shape, box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
