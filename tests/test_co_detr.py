@@ -2,7 +2,9 @@
 hand computation, the adapter's strides, positive queries reaching the decoder in training
 only, bit-identical eval outputs with and without MODEL.CO_DETR, a training step for each K,
 the R-CNN positives' GT indices, masked padding, the public Co-DINO checkpoint converter on a
-synthetic state_dict, and DDP (gloo) replicas with the auxiliary heads on."""
+synthetic state_dict, DDP (gloo) replicas with the auxiliary heads on, and the CPU fast paths
+(SparseGradROIPooler, TruncatedNMSRPN, the fused RPN / ATSS output convs) against the detectron2
+modules and separate convs they replace."""
 import math
 import os
 import re
@@ -11,6 +13,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
@@ -484,3 +487,232 @@ def test_ddp_gloo_replicas_stay_identical_with_aux_heads(tmp_path):
         assert torch.equal(r0["final"][key], r1["final"][key]), key
     changed = [k for k in weights if not torch.equal(r0["initial"][k], r0["final"][k])]
     assert any(k.startswith("co_detr.heads.") for k in changed) and any(k.startswith("transformer.") for k in changed)
+
+
+# ----------------------------------------------------------------------------- CPU fast paths
+# The Faster R-CNN head's drop-in subclasses (maskfrozen/modeling/co_detr/roi_align.py, rpn.py)
+# against the detectron2 modules they replace, and the fused 1x1 / 3x3 output convs of the RPN
+# and ATSS heads against the separate convs.
+def _pooler_case(dtype, empty_second_image=False):
+    """Features of a 256 x 192 batch of 2 on strides 8 / 16 / 32 and boxes for every level
+    (canonical box 56 on level 3: sides < 112 -> p0, < 224 -> p1, else p2), with boxes on the
+    image borders, partly and wholly outside the image and a zero-width one."""
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 3, 256 // s, 192 // s, generator=g, dtype=dtype, requires_grad=True)
+                for s in (8, 16, 32)]
+    fixed = torch.tensor([
+        [0.0, 0.0, 40.0, 30.0],  # top-left corner
+        [150.0, 200.0, 192.0, 256.0],  # bottom-right corner, ending exactly on the border
+        [-30.0, 100.0, 20.0, 140.0],  # partly left of the image
+        [170.0, -25.0, 230.0, 35.0],  # partly outside on two sides
+        [-80.0, -70.0, -40.0, -20.0],  # wholly outside: its samples are dropped
+        [60.0, 60.0, 60.0, 90.0],  # zero width
+        [10.0, 20.0, 150.0, 160.0],  # level 1
+        [-20.0, 30.0, 170.0, 200.0],  # level 1, partly outside
+        [0.0, 0.0, 192.0, 256.0],  # level 1: the whole image
+        [-16.0, 0.0, 208.0, 256.0],  # level 2, over the left and right borders
+        [-60.0, -40.0, 250.0, 300.0],  # level 2, beyond every border
+    ], dtype=dtype)
+    xy = torch.rand(20, 2, generator=g, dtype=dtype) * 230 - 20
+    wh = torch.rand(20, 2, generator=g, dtype=dtype) ** 2 * 240 + 1
+    second = torch.cat([xy, xy + wh], 1)
+    return features, [Boxes(fixed), Boxes(second[:0] if empty_second_image else second)]
+
+
+def _pooler_args(sampling_ratio):
+    return dict(output_size=(7, 7), scales=[1 / 8, 1 / 16, 1 / 32], sampling_ratio=sampling_ratio,
+                pooler_type="ROIAlignV2", canonical_box_size=56, canonical_level=3)
+
+
+@pytest.mark.parametrize("sampling_ratio,empty_second_image", [(2, False), (2, True), (1, False)])
+def test_sparse_grad_pooler_equals_detectron2_pooler(sampling_ratio, empty_second_image):
+    """SparseGradROIPooler's forward is bit-identical to detectron2's ROIPooler and its input
+    gradients equal torchvision's RoIAlign backward (float64: same sums in another order);
+    sampling ratio 2 as in the shapes configs, 1 as a second case."""
+    from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+
+    from maskfrozen.modeling.co_detr.roi_align import SparseGradROIPooler
+
+    args = _pooler_args(sampling_ratio)
+    reference, fast = ROIPooler(**args), SparseGradROIPooler(**args)
+    features, boxes = _pooler_case(torch.float64, empty_second_image)
+    levels = assign_boxes_to_levels(boxes, 3, 5, 56, 3)
+    assert levels.bincount(minlength=3).min() >= 2  # every level pools several boxes
+    expected, pooled = reference(features, boxes), fast(features, boxes)
+    assert type(pooled.grad_fn).__name__ == "_MultiLevelROIAlignBackward"  # the fast path ran
+    assert torch.equal(pooled, expected)
+    assert (expected[4] == 0).all() and expected.abs().sum() > 0  # the box outside pools zeros
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = torch.autograd.grad(expected, features, upstream)
+    got = torch.autograd.grad(pooled, features, upstream)
+    for w, g in zip(want, got):
+        assert w.abs().max() > 0.1  # every level receives gradient
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    if empty_second_image:
+        assert all((g[1] == 0).all() for g in got)
+
+    # float32: the forward is still bit-identical; the gradients differ by float rounding only
+    features, boxes = _pooler_case(torch.float32, empty_second_image)
+    expected, pooled = reference(features, boxes), fast(features, boxes)
+    assert torch.equal(pooled, expected)
+    for w, g in zip(torch.autograd.grad(expected, features, upstream.float()),
+                    torch.autograd.grad(pooled, features, upstream.float())):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # without gradients (and for adaptive sampling) detectron2's pooler runs unchanged
+    with torch.no_grad():
+        assert torch.equal(fast(features, boxes), expected)
+    adaptive = SparseGradROIPooler(**_pooler_args(0))
+    assert torch.equal(adaptive(features, boxes), ROIPooler(**_pooler_args(0))(features, boxes))
+
+
+def _rpn_pair(post_nms_topk=100):
+    """The Faster R-CNN head's TruncatedNMSRPN (FusedRPNHead) on strides 8 / 16 / 32 (9
+    anchors per cell), and a copy of it turned back into detectron2's RPN / StandardRPNHead
+    (same arguments and weights)."""
+    import copy
+
+    from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
+
+    from maskfrozen.modeling.co_detr.rcnn import FasterRCNNAuxHead
+    from maskfrozen.modeling.co_detr.rpn import FusedRPNHead, TruncatedNMSRPN
+
+    torch.manual_seed(0)
+    head = FasterRCNNAuxHead(8, 3, [8, 16, 32], num_roi_levels=3, rpn_pre_nms_topk=1000,
+                             rpn_post_nms_topk=post_nms_topk, pooler_sampling_ratio=2, fc_dim=16)
+    fast = head.rpn.train()
+    assert type(fast) is TruncatedNMSRPN and type(fast.rpn_head) is FusedRPNHead
+    reference = copy.deepcopy(fast)
+    reference.__class__, reference.rpn_head.__class__ = RPN, StandardRPNHead
+    return fast, reference
+
+
+def _spy_rpn_nms(monkeypatch):
+    """Record the sizes TruncatedNMSRPN's prefix NMS runs on and its full (fallback) NMS calls."""
+    import maskfrozen.modeling.co_detr.rpn as rpn_module
+
+    calls = {"prefix": [], "full": 0}
+    nms, batched_nms = rpn_module.nms, rpn_module.batched_nms
+
+    def prefix(boxes, *args):
+        calls["prefix"].append(len(boxes))
+        return nms(boxes, *args)
+
+    def full(*args):
+        calls["full"] += 1
+        return batched_nms(*args)
+
+    monkeypatch.setattr(rpn_module, "nms", prefix)
+    monkeypatch.setattr(rpn_module, "batched_nms", full)
+    return calls
+
+
+def _same_proposals(a, b):
+    return all(torch.equal(x.proposal_boxes.tensor, y.proposal_boxes.tensor)
+               and torch.equal(x.objectness_logits, y.objectness_logits) and x.image_size == y.image_size
+               for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def test_truncated_nms_rpn_training_proposals_equal_detectron2(monkeypatch):
+    """A training forward: the proposals (boxes, logits, order) and losses equal detectron2's
+    RPN while the NMS of the two finest levels (1000 and 324 of 1405 anchors per image) stops
+    after a prefix of their boxes."""
+    from detectron2.structures import ImageList, Instances
+
+    fast, reference = _rpn_pair()
+    sizes = [(96, 96), (80, 90)]  # the second image is padded: its proposals get clipped
+    images = ImageList(torch.zeros(2, 3, 96, 96), sizes)
+    g = torch.Generator().manual_seed(2)
+    features = {f"p{i}": torch.randn(2, 8, 96 // s, 96 // s, generator=g) for i, s in enumerate((8, 16, 32))}
+    gts = []
+    for size, boxes in zip(sizes, ([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 90.0, 70.0]], [[10.0, 10.0, 60.0, 35.0]])):
+        inst = Instances(size)
+        inst.gt_boxes, inst.gt_classes = Boxes(torch.tensor(boxes)), torch.zeros(len(boxes), dtype=torch.int64)
+        gts.append(inst)
+    calls = _spy_rpn_nms(monkeypatch)
+    with EventStorage():
+        torch.manual_seed(3)
+        expected, expected_losses = reference(images, features, gts)
+        assert calls == {"prefix": [], "full": 0}
+        torch.manual_seed(3)
+        proposals, losses = fast(images, features, gts)
+    # level 0's NMS (1000 boxes per image) stopped after its first 2 x post_nms_topk = 200; no full NMS
+    assert calls["full"] == 0 and 200 in calls["prefix"] and 1000 not in calls["prefix"]
+    assert [len(p) for p in proposals] == [100, 100]
+    assert _same_proposals(proposals, expected)
+    assert losses.keys() == expected_losses.keys()
+    for key in losses:
+        assert torch.equal(losses[key], expected_losses[key]), key
+    fast.eval(), reference.eval()  # inference: detectron2's code
+    with torch.no_grad():
+        assert _same_proposals(fast(images, features)[0], reference(images, features)[0])
+
+
+@pytest.mark.parametrize("tie", ["quantised", "at_top", "far_below"])
+def test_truncated_nms_rpn_tied_logits(monkeypatch, tie):
+    """Tied logits at or above the last returned proposal could be ordered differently by the
+    final (unstable) ranking: the full NMS runs instead and the proposals are detectron2's;
+    a tie far below them keeps the truncated NMS, with the same proposals."""
+    fast, reference = _rpn_pair(post_nms_topk=60)
+    sizes = [(96, 96), (80, 90)]
+    features = [torch.zeros(2, 8, 96 // s, 96 // s) for s in (8, 16, 32)]
+    anchors = fast.anchor_generator(features)
+    g = torch.Generator().manual_seed(4)
+    logits, deltas = [], []
+    for a in anchors:
+        level = torch.randn(2, len(a), generator=g)
+        if tie == "quantised":
+            level = (level * 4).round() / 4
+        else:  # one logit takes its neighbour's value, near the top or near the bottom of the ranking
+            values, order = level.sort(dim=1, descending=True)
+            pick = 2 if tie == "at_top" else len(a) - 3
+            level.scatter_(1, order[:, pick:pick + 1], values[:, pick - 1:pick])
+        logits.append(level)
+        deltas.append(torch.randn(2, len(a), 4, generator=g) * 0.2)
+    calls = _spy_rpn_nms(monkeypatch)
+    expected = reference.predict_proposals(anchors, logits, deltas, sizes)
+    proposals = fast.predict_proposals(anchors, logits, deltas, sizes)
+    assert _same_proposals(proposals, expected) and [len(p) for p in proposals] == [60, 60]
+    assert 120 in calls["prefix"]  # the truncated NMS ran first
+    assert calls["full"] == (0 if tie == "far_below" else 2)  # one fallback per image
+
+
+def test_fused_output_convs_equal_separate_convs_with_the_same_keys():
+    """FusedRPNHead and ATSSHead.predict run their output convs as one conv: the outputs are
+    those of the separate convs (same weights), and the parameter names are unchanged."""
+    from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
+
+    from maskfrozen.modeling.co_detr.atss import ATSSHead
+    from maskfrozen.modeling.co_detr.rpn import FusedRPNHead
+
+    torch.manual_seed(0)
+    fused = FusedRPNHead(in_channels=16, num_anchors=9)
+    separate = StandardRPNHead(in_channels=16, num_anchors=9)
+    assert list(fused.state_dict()) == list(separate.state_dict()) == [
+        "conv.weight", "conv.bias", "objectness_logits.weight", "objectness_logits.bias",
+        "anchor_deltas.weight", "anchor_deltas.bias"]
+    separate.load_state_dict(fused.state_dict())
+    features = [torch.randn(2, 16, s, s + 1) for s in (12, 6, 3)]
+    with torch.no_grad():
+        for got, want in zip(fused(features), separate(features)):
+            for x, y in zip(got, want):
+                assert torch.equal(x, y)
+
+    atss = ATSSHead(16, 3, [8, 16, 32], num_groups=4)
+    assert {k for k in atss.state_dict() if k.startswith(("atss_", "scales"))} == {
+        f"{n}.{p}" for n in ("atss_cls", "atss_reg", "atss_centerness") for p in ("weight", "bias")} | {
+        "scales.0", "scales.1", "scales.2"}
+    with torch.no_grad():
+        for conv in (atss.atss_reg, atss.atss_centerness):  # the init's zero biases would hide a mix-up
+            conv.weight.normal_(std=0.1), conv.bias.normal_()
+        for i, scale in enumerate(atss.scales):
+            scale.fill_(0.5 + i)
+        logits, deltas, centerness = atss.predict(features)
+        want_logits, want_deltas, want_ctr = [], [], []
+        for x, scale in zip(features, atss.scales):
+            cls_feat, reg_feat = atss.cls_convs[0](x), atss.reg_convs[0](x)
+            want_logits.append(atss.atss_cls(cls_feat).flatten(2).transpose(1, 2))
+            want_deltas.append((atss.atss_reg(reg_feat) * scale).flatten(2).transpose(1, 2))
+            want_ctr.append(atss.atss_centerness(reg_feat).flatten(1))
+    assert torch.equal(logits, torch.cat(want_logits, 1))
+    for got, want in ((deltas, torch.cat(want_deltas, 1)), (centerness, torch.cat(want_ctr, 1))):
+        assert torch.equal(got, want)
