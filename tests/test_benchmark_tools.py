@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 from detectron2.modeling import build_model
 
 from conftest import REPO, make_cfg

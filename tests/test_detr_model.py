@@ -1,7 +1,6 @@
 """The DeformableDETR meta-architecture end to end on tiny inputs: every variant trains
 a step, a tiny DINO overfits two images, and inference works through DefaultPredictor
 and COCOEvaluator on the tiny shapes split."""
-import copy
 import os
 
 import numpy as np

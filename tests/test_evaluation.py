@@ -1,5 +1,4 @@
 """COCO evaluation: faster-coco-eval (our COCOEvaluator backend) equals pycocotools."""
-import json
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -66,7 +65,7 @@ def test_coco_evaluator_backend_and_result_on_ground_truth(tmp_path):
     """COCOEvaluator (through our evaluator registry) gives AP 100 to perfect predictions."""
     import torch
     from detectron2.config import get_cfg
-    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.structures import BitMasks, Instances
 
     import maskfrozen
 

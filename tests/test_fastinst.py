@@ -3,7 +3,6 @@ the query selection, the location cost, the proposal loss, the GT-mask-guided se
 layer's assignment, training only), auxiliary queries, inference with / without the guided
 branch, the tiny config overfitting one image, DefaultPredictor output with real boxes, the
 fastinst_instance mapper and code defaults = the COCO yaml."""
-import math
 import os
 
 import numpy as np

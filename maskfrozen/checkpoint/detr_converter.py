@@ -17,7 +17,7 @@ the mark of a wrong ``source_format`` or a checkpoint of another model).
 """
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 

@@ -14,9 +14,8 @@ from typing import Dict, List
 
 import fvcore.nn.weight_init as weight_init
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from torch import nn
 
 from maskfrozen.layers import DeformableEncoder, PositionEmbeddingSine, flatten_levels

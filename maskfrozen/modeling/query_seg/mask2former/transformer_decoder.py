@@ -12,11 +12,10 @@ empty attends everywhere). Predictions of every X_l (l = 0..L) after a shared La
 class ``Linear(X) -> K+1`` and mask ``MLP(X) . F`` (F: mask features at 1/4): deep
 supervision on all of them.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import fvcore.nn.weight_init as weight_init
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
