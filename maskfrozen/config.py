@@ -202,8 +202,8 @@ def add_mask2former_config(cfg: CN) -> None:
     m.SIZE_DIVISIBILITY = 32
     m.DEC_LAYERS = 10  # official meaning: 9 decoder layers + 1 for the prediction on the learnable queries
     m.TRAIN_NUM_POINTS = 12544
-    # masked attention also allowed on the d cells around each predicted mask (0 = the papers);
-    # our shapes recipes use 1: flat-coloured shapes differ only by their outline
+    # masked attention also allowed on the d cells around each predicted mask (0 = the papers;
+    # measured on the FastInst shapes recipe: configs/shapes/fastinst/fastinst_R18_D3.yaml)
     m.ATTN_MASK_DILATION = 0
     m.OVERSAMPLE_RATIO = 3.0
     m.IMPORTANCE_SAMPLE_RATIO = 0.75
@@ -229,7 +229,8 @@ def add_fastinst_config(cfg: CN) -> None:
     official ``MODEL.FASTINST`` names; defaults = configs/coco/fastinst/fastinst_R50_ppm-fpn_x1_576.yaml
     (D1). The meta-arch's shared keys (loss weights, sampled points, size divisibility, test)
     stay in ``MODEL.MASK_FORMER``: where the official yaml has them under ``MODEL.FASTINST``,
-    ours has them there. Also the ``fastinst_instance`` mapper's crop-branch resize keys."""
+    ours has them there. Also the ``fastinst_instance`` mapper's crop-branch resize keys, whose
+    defaults are the official code's (off, 800), not the yaml's (on, 400/500/600)."""
     cfg.MODEL.FASTINST = CN()
     f = cfg.MODEL.FASTINST
     f.HIDDEN_DIM = 256  # = SEM_SEG_HEAD.CONVS_DIM (the queries are pixel features)

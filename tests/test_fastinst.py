@@ -10,7 +10,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes
+from detectron2.structures import BitMasks, Boxes, Instances
 
 import maskfrozen  # noqa: F401  (registers the models)
 from conftest import REPO, make_cfg, overfit_loss_history
@@ -278,3 +278,42 @@ def test_fastinst_mapper_resizes_crops_flips_and_keeps_non_empty_masks(tmp_path)
         sizes.add(tuple(out["image"].shape[-2:]))
     assert any(h != w for h, w in sizes) or len(sizes) > 2  # crops of random aspect happened
     assert build_mapper(cfg, is_train=False).__class__.__name__ == "CheckedDatasetMapper"
+
+
+def test_training_step_with_an_image_without_objects_and_two_image_sizes(tmp_path, one_thread):
+    """A batch of a 128 x 128 image without GT and a 96 x 128 one with GT: finite losses and
+    every parameter gets a gradient (nothing unused under DDP)."""
+    torch.manual_seed(0)
+    model = tiny_model(tmp_path).train()
+    empty, full = synthetic_inputs(2)
+    empty["instances"] = empty["instances"][[]]
+    full = {**full, "image": full["image"][:, :96], "height": 96}
+    full["instances"] = Instances((96, 128), gt_classes=full["instances"].gt_classes,
+                                  gt_masks=BitMasks(full["instances"].gt_masks.tensor[:, :96]))
+    losses = model([empty, full])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_configuration_errors_name_the_keys(tmp_path):
+    with pytest.raises(ValueError, match="MODEL.MASK_FORMER.DEEP_SUPERVISION True"):
+        tiny_model(tmp_path, "MODEL.MASK_FORMER.DEEP_SUPERVISION", "False")
+    with pytest.raises(ValueError, match="PIXEL_DECODER_NAME gives none"):
+        tiny_model(tmp_path, "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME", "MultiScaleMaskedTransformerDecoder",
+                   "MODEL.MASK_FORMER.HIDDEN_DIM", "32", "MODEL.MASK_FORMER.NHEADS", "4")
+
+
+def test_mapper_gives_empty_instances_for_an_image_with_only_crowd_annotations(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from maskfrozen.data.datasets import ensure_dataset_files
+    from maskfrozen.data.mappers import build_mapper
+
+    cfg = make_cfg(TINY, tmp_path, "INPUT.DATASET_MAPPER_NAME", "fastinst_instance")
+    ensure_dataset_files("shapes_tiny_train")
+    record = dict(DatasetCatalog.get("shapes_tiny_train")[0])
+    record["annotations"] = [{**a, "iscrowd": 1} for a in record["annotations"]]
+    out = build_mapper(cfg, is_train=True)(record)
+    inst = out["instances"]
+    assert len(inst) == 0 and inst.gt_masks.tensor.shape == (0, *out["image"].shape[-2:])

@@ -3,8 +3,9 @@
 Training: with probability 0.5 (when ``INPUT.CROP.ENABLED``) a crop branch first:
 ``ResizeShortestEdge(INPUT.CROP.RESIZE.MIN_SIZE)`` (when ``CROP.RESIZE.ENABLED``) then
 ``RandomCrop(CROP.TYPE, CROP.SIZE)``; then always ``ResizeShortestEdge(MIN_SIZE_TRAIN,
-MAX_SIZE_TRAIN)`` and the flip. GT masks as bitmasks, empty ones dropped (the LSJ mapper's
-instance handling). Testing: detectron2's default mapper.
+MAX_SIZE_TRAIN)`` and the flip. GT masks as bitmasks, instances whose mask is empty after the
+crop dropped (the LSJ mapper's instance handling; the official mapper keeps them). Testing:
+detectron2's default mapper.
 """
 from typing import Callable, List
 
@@ -38,4 +39,4 @@ def fastinst_instance(cfg: CfgNode, is_train: bool) -> Callable:
     """FastInst's augmentations in training; detectron2's default mapper for testing."""
     if not is_train:
         return CheckedDatasetMapper(cfg, is_train)
-    return LSJInstanceMapper(fastinst_augmentations(cfg), cfg.INPUT.FORMAT)
+    return LSJInstanceMapper(fastinst_augmentations(cfg), cfg.INPUT.FORMAT, "fastinst_instance")

@@ -61,9 +61,9 @@ class LSJInstanceMapper:
     """Training mapper: the image and its instances through the given augmentations (LSJ, or
     FastInst's resize + crop), GT as bitmasks, instances with an empty mask dropped."""
 
-    def __init__(self, augmentations: List[T.Augmentation], image_format: str):
+    def __init__(self, augmentations: List[T.Augmentation], image_format: str, name: str = "coco_instance_lsj"):
         self.augmentations = T.AugmentationList(augmentations)
-        self.image_format = image_format
+        self.image_format, self.name = image_format, name
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -78,8 +78,10 @@ class LSJInstanceMapper:
         annos = [utils.transform_instance_annotations(_as_rle(obj, height, width), transforms, shape)
                  for obj in dataset_dict.pop("annotations", []) if obj.get("iscrowd", 0) == 0]
         instances = utils.annotations_to_instances(annos, shape, mask_format="bitmask")
-        if not instances.has("gt_masks"):
-            raise KeyError(f"coco_instance_lsj: {dataset_dict['file_name']!r} has annotations without 'segmentation'")
+        if not annos:  # every annotation crowd (or none): no instances, empty masks
+            instances.gt_masks = BitMasks(torch.zeros(0, *shape, dtype=torch.bool))
+        elif not instances.has("gt_masks"):
+            raise KeyError(f"{self.name}: {dataset_dict['file_name']!r} has annotations without 'segmentation'")
         dataset_dict["instances"] = drop_empty_masks(instances)
         return dataset_dict
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "get_activation_fn"]
+__all__ = ["MLP", "get_activation_fn", "gather_tokens"]
 
 
 def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -15,6 +15,11 @@ def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in table:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(table)}")
     return table[name]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, L, C]`` tokens, ``index [B, N]`` -> the selected tokens ``[B, N, C]``."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class MLP(nn.Module):

@@ -50,7 +50,7 @@ from maskfrozen.layers.deformable_encoder import (DeformableEncoder, EncoderOutp
                                                   valid_sizes)
 from maskfrozen.layers.ms_deform_attn import MSDeformAttn
 from maskfrozen.layers.position_encoding import sine_embedding
-from maskfrozen.layers.transformer_blocks import MLP
+from maskfrozen.layers.transformer_blocks import MLP, gather_tokens
 
 from .denoising import DenoisingQueries
 from .query_groups import query_self_attention_mask, query_slices
@@ -381,9 +381,8 @@ class DeformableTransformer(nn.Module):
         # "first": class-agnostic proposals are ranked by logit 0 (Deformable-DETR, H-DETR)
         scores = enc_logits.max(-1).values if self.proposal_score == "max" else enc_logits[..., 0]
         topk, padding = _topk_padded(scores.masked_fill(~valid, float("-inf")), num_select)
-        gather = lambda x: torch.gather(x, 1, topk[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-        boxes_unact = gather(enc_boxes_unact)
-        return gather(enc_logits), boxes_unact.sigmoid(), boxes_unact.detach(), padding
+        boxes_unact = gather_tokens(enc_boxes_unact, topk)
+        return gather_tokens(enc_logits, topk), boxes_unact.sigmoid(), boxes_unact.detach(), padding
 
     def _matching_queries(self, encoded: EncoderOutput, num_matching: int) -> DecoderQueries:
         """Content, reference, static position and encoder outputs of the matching queries."""

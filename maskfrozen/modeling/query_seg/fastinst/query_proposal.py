@@ -5,7 +5,9 @@ per-pixel class probabilities p(i, k) (K classes + background). Each pixel keeps
 arg-max foreground class k_i; a pixel is a candidate when p(i, k_i) is a local maximum of
 channel k_i over its 8 neighbours. The N pixels with the highest p(i, k_i) + [candidate]
 (candidates first) give the initial queries: their features E_i, position embeddings and
-normalised (x, y) locations (for the location cost).
+normalised (x, y) locations (for the location cost). Locations are cell centres ((i + 0.5) / n;
+the official code uses linspace(0, 1, n), which puts the first and last cells on the map's
+edges).
 
 Training of the classifier (:func:`proposal_loss`): Hungarian matching of the pixels to the
 GT objects with a class cost and a location cost (the pixel must lie inside the GT mask
@@ -13,12 +15,14 @@ pooled to the 1/16 grid), then cross-entropy over all pixels (matched: their GT 
 others: background).
 """
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskfrozen.layers import gather_tokens
+from maskfrozen.layers.deformable_encoder import pixel_centres
 from maskfrozen.modeling.criterion import HungarianMatcher, class_loss_softmax
 
 __all__ = ["Proposals", "InstanceActivationQueries", "local_maxima", "grid_locations", "proposal_loss"]
@@ -30,21 +34,16 @@ def local_maxima(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (scores >= F.max_pool2d(scores, kernel_size=3, stride=1, padding=1)) & (scores >= eps)
 
 
-def grid_locations(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``[h * w, 2]`` normalised (x, y) centres of the cells of an h x w map, row-major."""
-    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=-1)
-
-
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``[B, L, C]`` tokens, ``[B, N]`` indices -> ``[B, N, C]``."""
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+def grid_locations(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``[h * w, 2]`` float32 normalised (x, y) centres of the cells of an h x w map, row-major
+    (the official code uses ``linspace(0, 1, n)``, i.e. the first and last cells' outer edges)."""
+    return pixel_centres(h, w, device) / torch.tensor([w, h], dtype=torch.float32, device=device)
 
 
 @dataclass
 class Proposals:
+    """The selected queries of a batch and the classifier's logits."""
+
     features: torch.Tensor  # [B, N, C] initial query content
     pos: torch.Tensor  # [B, N, C] their position embeddings
     locations: torch.Tensor  # [B, N, 2] normalised (x, y) of their pixels
@@ -78,9 +77,9 @@ class InstanceActivationQueries(nn.Module):
         index = self.activation_scores(logits).topk(self.num_queries, dim=1).indices  # [B, N]
         tokens = x.flatten(2).transpose(1, 2)
         pos_tokens = pos.flatten(1).t()[None].expand(len(x), -1, -1)
-        locations = grid_locations(h, w, x.device, x.dtype)[None].expand(len(x), -1, -1)
-        return Proposals(_gather_tokens(tokens, index), _gather_tokens(pos_tokens, index),
-                         _gather_tokens(locations, index), logits)
+        locations = grid_locations(h, w, x.device)[None].expand(len(x), -1, -1)
+        return Proposals(gather_tokens(tokens, index), gather_tokens(pos_tokens, index),
+                         gather_tokens(locations, index), logits)
 
 
 def _pooled_targets(targets: Sequence[Mapping[str, torch.Tensor]], size) -> List[Dict[str, torch.Tensor]]:
@@ -100,7 +99,7 @@ def proposal_loss(logits: torch.Tensor, targets: Sequence[Mapping[str, torch.Ten
     with ``matcher`` (costs "class" + "location" on the pooled masks)."""
     size = tuple(logits.shape[-2:])
     pixels = logits.flatten(2).transpose(1, 2)  # [B, h*w, K+1]
-    locations = grid_locations(*size, logits.device, torch.float32)[None].expand(len(logits), -1, -1)
+    locations = grid_locations(*size, logits.device)[None].expand(len(logits), -1, -1)
     pooled = _pooled_targets(targets, size)
     indices = matcher({"pred_logits": pixels, "query_locations": locations}, pooled)
     return class_loss_softmax(pixels, pooled, indices, 1.0, eos_coef=1.0)  # plain mean over pixels

@@ -30,7 +30,7 @@ from maskfrozen.modeling.registries import TRANSFORMER_DECODER_REGISTRY
 
 from ..attention_masks import attention_mask_from_gt, attention_mask_from_masks
 from ..interface import DecoderOutput, PixelDecoderOutput, PixelDecoderSpec, TrainingInputs, TransformerDecoderBase
-from .query_proposal import InstanceActivationQueries, proposal_loss
+from .query_proposal import InstanceActivationQueries, Proposals, proposal_loss
 
 __all__ = ["FastInstDecoder", "DualPathLayer"]
 
@@ -95,6 +95,8 @@ class FastInstDecoder(TransformerDecoderBase):
         self.location_weight, self.proposal_weight, self.gt_guided = location_weight, proposal_weight, gt_guided
         self.attn_mask_dilation = attn_mask_dilation
         pos_size = int(round(num_queries ** 0.5))
+        # official: torch.empty, never initialised; and our optimizer groups give it no weight decay
+        # (a name with "embed"), where the official one decays it
         self.meta_pos_embed = nn.Parameter(torch.empty(hidden_dim, pos_size, pos_size).normal_(std=0.02))
         self.aux_query_feat = nn.Embedding(num_aux_queries, hidden_dim) if num_aux_queries else None
         self.aux_query_pos = nn.Embedding(num_aux_queries, hidden_dim) if num_aux_queries else None
@@ -109,6 +111,10 @@ class FastInstDecoder(TransformerDecoderBase):
     @classmethod
     def from_config(cls, cfg, spec: PixelDecoderSpec) -> Dict:
         f = cfg.MODEL.FASTINST
+        if not cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION:
+            raise ValueError("FastInstDecoder needs MODEL.MASK_FORMER.DEEP_SUPERVISION True: without it the per-layer "
+                             "heads get no gradient (DDP rejects unused parameters) and the official code also "
+                             "drops the GT-guided losses")
         if f.DEC_LAYERS < 1 or f.NUM_OBJECT_QUERIES < 1 or f.NUM_AUX_QUERIES < 0:
             raise ValueError(f"MODEL.FASTINST.DEC_LAYERS and NUM_OBJECT_QUERIES must be >= 1 and NUM_AUX_QUERIES "
                              f">= 0, got {f.DEC_LAYERS} / {f.NUM_OBJECT_QUERIES} / {f.NUM_AUX_QUERIES}")
@@ -128,7 +134,7 @@ class FastInstDecoder(TransformerDecoderBase):
         """``[C, h, w]`` learnable positions resized to a map."""
         return F.interpolate(self.meta_pos_embed[None], size=size, mode="bilinear", align_corners=False)[0]
 
-    def initial_state(self, pixels: PixelDecoderOutput):
+    def initial_state(self, pixels: PixelDecoderOutput) -> Tuple[State, torch.Tensor, torch.Tensor, Proposals]:
         """(Q_0, X_0), their positions, the proposal locations [B, N, 2] and logits."""
         proposal_map, pixel_map = pixels.multi_scale_features[1], pixels.multi_scale_features[2]
         proposals = self.query_proposal(proposal_map, self._positions(tuple(proposal_map.shape[-2:])))

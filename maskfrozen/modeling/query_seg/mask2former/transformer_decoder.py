@@ -50,6 +50,10 @@ class MultiScaleMaskedTransformerDecoder(TransformerDecoderBase):
                  dim_feedforward: int, dec_layers: int, pre_norm: bool = False, dropout: float = 0.0,
                  enforce_input_project: bool = False, attn_mask_dilation: int = 0):
         super().__init__()
+        if spec.mask_stride is None:
+            raise ValueError("MultiScaleMaskedTransformerDecoder needs the pixel decoder's mask features, but "
+                             "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME gives none (e.g. FastInst's PyramidPoolingModuleFPN): "
+                             "pair it with MSDeformAttnPixelDecoder (MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME)")
         self.num_heads, self.num_layers = nheads, dec_layers
         self.attn_mask_dilation = attn_mask_dilation
         self.num_feature_levels = len(spec.feature_strides)
