@@ -52,3 +52,16 @@ def test_two_configs_side_by_side(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "machine:" in out and "cores" in out and "[2] / [1]" in out
     assert (tmp_path / "out.json").is_file()
+
+
+def test_breakdown_times_every_top_level_module_and_adds_up(capsys):
+    """--breakdown: one entry per top-level module of the model plus the rest of the forward,
+    backward and the step; the parts are non-negative and sum to about one iteration."""
+    results = benchmark.main(["--config-file", M2F_TINY, "--iters", "2", "--warmup", "1", "--threads", "1",
+                              "--size", "96", "--breakdown"])
+    parts = results[0]["train_breakdown_s"]
+    stages = {"forward: backbone", "forward: pixel_decoder", "forward: transformer_decoder", "forward: criterion"}
+    assert stages | {"forward: rest (meta-arch)", "backward", "optimizer step"} == set(parts)
+    assert all(v >= 0 for v in parts.values())
+    assert 0.5 * results[0]["train_iter_s"] < sum(parts.values()) < 2.0 * results[0]["train_iter_s"]
+    assert "where a training iteration goes" in capsys.readouterr().out

@@ -9,11 +9,14 @@ RSS) and the parameter counts. The batches are synthetic and identical for every
 fixed-seed ``--size`` x ``--size`` image with ``--objects`` random rectangles (boxes, classes,
 bitmasks), so any model that trains on COCO instances runs. With two configs the ratios
 second / first are printed. The machine (CPU model, cores, threads, load, GPU) is printed too.
+``--breakdown`` also prints where a training iteration goes: the forward time of each
+top-level module of the model (backbone, pixel decoder, transformer, criterion, ...: forward
+hooks), the rest of the forward (the meta-arch's own code), backward and the optimizer step.
 
     python tools/benchmark.py --config-file configs/shapes/mask2former/maskformer2_R18.yaml \
         --config-file configs/shapes/mask_frozen_detr/dino_R18.yaml \
             MODEL.MASK_FROZEN.ALLOW_RANDOM_DETECTOR=True MODEL.MASK_FROZEN.DETECTOR_WEIGHTS= \
-        --size 256 --batch 2 --iters 10 [--device cuda] [--threads 2] [--json out.json]
+        --size 256 --batch 2 --iters 10 [--device cuda] [--threads 2] [--breakdown] [--json out.json]
 
 Each ``--config-file`` takes the yaml path followed by its own ``KEY=VALUE`` overrides.
 """
@@ -25,6 +28,8 @@ import platform
 import resource
 import sys
 import time
+from collections import defaultdict
+from functools import partial
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchmark_mask_frozen import wait_for_result  # noqa: E402  (a dead process is an error, never a hang)
 
-__all__ = ["parse_args", "synthetic_batch", "machine_description", "benchmark_config", "main"]
+__all__ = ["parse_args", "synthetic_batch", "machine_description", "StageTimer", "benchmark_config", "main"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--device", default="", help="cpu | cuda (default: the config's MODEL.DEVICE)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each top-level module's forward, backward and the optimizer step")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
     if len(args.config_file) > 2:
@@ -116,6 +123,64 @@ def _timed(fn, n: int, warmup: int, cuda: bool) -> List[float]:
     return times
 
 
+class StageTimer:
+    """Seconds spent in the forward of each top-level child module of ``model`` (hooks; a child
+    called several times per iteration is summed), and in named phases of the step."""
+
+    def __init__(self, model, cuda: bool):
+        self.cuda, self.totals, self._start = cuda, defaultdict(float), {}
+        self.children = [name for name, _ in model.named_children()]
+        self._handles = []
+        for name, child in model.named_children():
+            self._handles.append(child.register_forward_pre_hook(partial(self._begin, name)))
+            self._handles.append(child.register_forward_hook(partial(self._end, name)))
+
+    def now(self) -> float:
+        """Wall time, after the device's queued work (CUDA) is done."""
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _begin(self, name: str, module, inputs) -> None:
+        self._start[name] = self.now()
+
+    def _end(self, name: str, module, inputs, output) -> None:
+        self.totals[f"forward: {name}"] += self.now() - self._start.pop(name)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.totals[phase] += seconds
+
+    def per_iteration(self, iterations: int) -> Dict[str, float]:
+        """Mean seconds per iteration: each child's forward, the rest of the forward, backward, step."""
+        out = {k: v / iterations for k, v in self.totals.items() if k.startswith("forward: ")}
+        out["forward: rest (meta-arch)"] = self.totals["forward"] / iterations - sum(out.values())
+        out["backward"] = self.totals["backward"] / iterations
+        out["optimizer step"] = self.totals["step"] / iterations
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _breakdown(model, optimizer, batches: List[List[Dict]], args: argparse.Namespace, cuda: bool) -> Dict[str, float]:
+    """``StageTimer.per_iteration`` over ``args.iters`` training steps (after the warm-up ones)."""
+    timer = StageTimer(model, cuda)
+    for i in range(args.iters):
+        t0 = timer.now()
+        losses = model(batches[i % 2])
+        t1 = timer.now()
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        t2 = timer.now()
+        optimizer.step()
+        t3 = timer.now()
+        timer.add("forward", t1 - t0), timer.add("backward", t2 - t1), timer.add("step", t3 - t2)
+    timer.remove()
+    return timer.per_iteration(args.iters)
+
+
 def benchmark_config(entry: List[str], args: argparse.Namespace, queue) -> None:
     """Build one config's model and put its measurements on ``queue`` (runs in a child process)."""
     import torch
@@ -147,6 +212,7 @@ def benchmark_config(entry: List[str], args: argparse.Namespace, queue) -> None:
     train_times = _timed(train_step, args.iters, args.warmup, cuda)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - rss_before
+    breakdown = _breakdown(model, optimizer, batches, args, cuda) if args.breakdown else {}
     model.eval()
     image = [{k: v for k, v in batches[0][0].items() if k != "instances"}]
     with torch.no_grad():
@@ -157,7 +223,7 @@ def benchmark_config(entry: List[str], args: argparse.Namespace, queue) -> None:
         "peak_memory_mb": peak, "memory": "CUDA max allocated" if cuda else "CPU peak RSS growth",
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "machine": machine_description(),
+        "machine": machine_description(), "train_breakdown_s": breakdown,
     })
 
 
@@ -191,6 +257,10 @@ def main(argv=None) -> List[Dict]:
         print(f"[{i + 1}] {r['config']}  ({r['size']} x {r['size']} px, train batch {r['batch']}, {r['memory']})")
     print(f"machine: {results[-1]['machine']}")
     print(format_table(results))
+    for i, r in enumerate(results):
+        if r["train_breakdown_s"]:
+            print(f"[{i + 1}] where a training iteration goes (s): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["train_breakdown_s"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
