@@ -30,7 +30,7 @@ import sys
 import time
 from collections import defaultdict
 from functools import partial
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -123,13 +123,23 @@ def _timed(fn, n: int, warmup: int, cuda: bool) -> List[float]:
     return times
 
 
+def _train_step(model, optimizer, batch: List[Dict], mark: Callable[[str], None] = lambda phase: None) -> None:
+    """Forward, backward, optimizer step; ``mark(phase)`` after each ("forward", "backward", "step")."""
+    losses = model(batch)
+    mark("forward")
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    mark("backward")
+    optimizer.step()
+    mark("step")
+
+
 class StageTimer:
     """Seconds spent in the forward of each top-level child module of ``model`` (hooks; a child
-    called several times per iteration is summed), and in named phases of the step."""
+    called several times per iteration is summed), and in the phases of the step (``mark``)."""
 
     def __init__(self, model, cuda: bool):
-        self.cuda, self.totals, self._start = cuda, defaultdict(float), {}
-        self.children = [name for name, _ in model.named_children()]
+        self.cuda, self.totals, self._start, self._last = cuda, defaultdict(float), {}, 0.0
         self._handles = []
         for name, child in model.named_children():
             self._handles.append(child.register_forward_pre_hook(partial(self._begin, name)))
@@ -148,8 +158,15 @@ class StageTimer:
     def _end(self, name: str, module, inputs, output) -> None:
         self.totals[f"forward: {name}"] += self.now() - self._start.pop(name)
 
-    def add(self, phase: str, seconds: float) -> None:
-        self.totals[phase] += seconds
+    def start(self) -> None:
+        """Start of an iteration: the first phase is timed from here."""
+        self._last = self.now()
+
+    def mark(self, phase: str) -> None:
+        """``phase`` ended now: it took the time since the previous mark (or ``start``)."""
+        now = self.now()
+        self.totals[phase] += now - self._last
+        self._last = now
 
     def per_iteration(self, iterations: int) -> Dict[str, float]:
         """Mean seconds per iteration: each child's forward, the rest of the forward, backward, step."""
@@ -168,15 +185,8 @@ def _breakdown(model, optimizer, batches: List[List[Dict]], args: argparse.Names
     """``StageTimer.per_iteration`` over ``args.iters`` training steps (after the warm-up ones)."""
     timer = StageTimer(model, cuda)
     for i in range(args.iters):
-        t0 = timer.now()
-        losses = model(batches[i % 2])
-        t1 = timer.now()
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        t2 = timer.now()
-        optimizer.step()
-        t3 = timer.now()
-        timer.add("forward", t1 - t0), timer.add("backward", t2 - t1), timer.add("step", t3 - t2)
+        timer.start()
+        _train_step(model, optimizer, batches[i % 2], timer.mark)
     timer.remove()
     return timer.per_iteration(args.iters)
 
@@ -201,10 +211,7 @@ def benchmark_config(entry: List[str], args: argparse.Namespace, queue) -> None:
     batches = [synthetic_batch(size, batch, args.objects, 5, seed=i) for i in range(2)]
 
     def train_step(i: int) -> None:
-        losses = model(batches[i % 2])
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
+        _train_step(model, optimizer, batches[i % 2])
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
