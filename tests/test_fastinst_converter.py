@@ -185,7 +185,7 @@ def test_convert_checkpoint_tool_reads_an_official_pkl(tmp_path):
     with pytest.raises(SystemExit, match="--allow-pickle"):
         convert_checkpoint.main(args)
     assert not out.exists()
-    report = convert_checkpoint.main(["--allow-pickle", "--strict", *args])
+    report = convert_checkpoint.main(["--allow-pickle", *args])
     assert report.unmatched_target_keys == [] and report.unused_source_keys == []
     assert len(report.dropped_aliases) == 2
     state = torch.load(out, weights_only=True)["model"]

@@ -1,25 +1,19 @@
 #!/usr/bin/env python
-"""Convert a public DETR checkpoint (detrex DINO / H-DETR / Deformable-DETR, or the
-original Deformable-DETR / H-DETR / DINO repos) to maskfrozen's ``DeformableDETR``:
+"""Convert an official (or detrex) checkpoint to maskfrozen, e.g.
 
-    python tools/convert_checkpoint.py --format detrex \\
-        --config-file configs/coco/dino/dino_R50_4scale_12ep.yaml dino_r50_4scale_12ep.pth out.pth
+    python tools/convert_checkpoint.py --format original_dino \\
+        --config-file configs/coco/dino/dino_R50_4scale_12ep.yaml checkpoint0011_4scale.pth out.pth
 
-The model built from the config gives the target names and shapes: a shape mismatch
-stops the conversion with the list of offending keys; unused checkpoint keys and
-model keys left without a value are printed (``--strict`` makes the latter an error).
-A conversion that fills fewer than ``--min-coverage`` (default half) of the model's keys
-(a wrong ``--format``, a checkpoint of another model) is an error too. On any error the
-exit status is 1 and nothing is written; the output is written atomically.
-The output loads with ``MODEL.WEIGHTS out.pth``. ``--format mask2former`` converts an official
-Mask2Former checkpoint (model-zoo ``.pkl`` with ``--allow-pickle``, or ``.pth``) for
-``QuerySegmentor``, e.g. with ``--config-file configs/coco/mask2former/maskformer2_R50_bs16_50ep.yaml``;
-``--format co_detr`` a public Co-DINO (mmdet) checkpoint for a DETR config with ``MODEL.CO_DETR``
-(its auxiliary heads as ``MODEL.CO_DETR.AUX_HEADS`` says, or the detector alone when Co-DETR is off),
-e.g. with ``--config-file configs/coco/co_detr/co_dino_R50_5scale_12ep.yaml``; ``--format fastinst`` an
-official FastInst checkpoint (junjiehe96/FastInst ``.pth``, or a ``.pkl`` with ``--allow-pickle``) for
-``QuerySegmentor`` with ``FastInstDecoder``, e.g. ``fastinst_R50_ppm-fpn_x1_576_*.pth`` with
-``--config-file configs/coco/fastinst/fastinst_R50_ppm-fpn_x1_576.yaml`` (D3: ``..._x3_640.yaml``).
+``--format`` names the checkpoint's origin (``--help`` lists them with their repositories);
+the model built from ``--config-file`` (plus ``KEY VALUE`` overrides) gives the target names
+and shapes. The conversion is all or nothing: the checkpoint's keys must fit the format's key
+signature (a checkpoint of another architecture is refused, naming the format that fits),
+every tensor of the checkpoint must map to a model key or be one the format drops on purpose
+(listed), and every model key must get a value. ``--allow-partial`` is the explicit opt-out:
+it converts whatever maps. A shape mismatch is always an error listing every offending key.
+On any error the exit status is 1 and nothing is written; the output is written atomically
+and loads with ``MODEL.WEIGHTS out.pth``. Detectron2 ``.pkl`` checkpoints (Mask2Former, FastInst,
+SOTR) hold pickled numpy arrays: they need ``--allow-pickle``.
 """
 import argparse
 import os
@@ -32,42 +26,42 @@ import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import maskfrozen  # noqa: E402,F401  (registers the models)
-from maskfrozen.checkpoint import (  # noqa: E402
-    KEY_TABLES, ConversionCoverageError, ConversionReport, convert_detr_state_dict, load_model_tensors)
-from maskfrozen.checkpoint.co_detr_converter import convert_co_detr_state_dict  # noqa: E402
-from maskfrozen.checkpoint.fastinst_converter import convert_fastinst_state_dict  # noqa: E402
-from maskfrozen.checkpoint.mask2former_converter import (  # noqa: E402
-    convert_mask2former_state_dict, load_mask2former_checkpoint)
+from maskfrozen.checkpoint import FORMATS, ConversionCoverageError, ConversionReport  # noqa: E402
+from maskfrozen.checkpoint.formats import check_format_fits  # noqa: E402
 from maskfrozen.config import load_config  # noqa: E402
 from maskfrozen.engine.checkpointer import atomic_write  # noqa: E402
 
 
-def _co_detr(source, target, cfg):
-    co = cfg.MODEL.CO_DETR
-    return convert_co_detr_state_dict(source, target, aux_heads=co.AUX_HEADS, include_aux_heads=co.ENABLED)
-
-
-# --format -> (checkpoint loader, converter(source, target state_dict, cfg)); the DETR key tables otherwise
-OTHER_FORMATS = {
-    "mask2former": (load_mask2former_checkpoint, lambda source, target, cfg: convert_mask2former_state_dict(source, target)),
-    "co_detr": (load_model_tensors, _co_detr),
-    "fastinst": (load_mask2former_checkpoint, lambda source, target, cfg: convert_fastinst_state_dict(source, target)),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The converter's command line."""
+    formats = "; ".join(f"{name}: {fmt.description}" for name, fmt in sorted(FORMATS.items()))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=sorted(KEY_TABLES) + sorted(OTHER_FORMATS))
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS), help=f"the checkpoint's origin ({formats})")
     parser.add_argument("--config-file", required=True, help="maskfrozen config of the target model")
-    parser.add_argument("--strict", action="store_true", help="fail when a model key gets no value")
-    parser.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
-                        help="fail when fewer than this fraction of the model's keys get a value (default 0.5)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="convert whatever maps: no key-signature check, model keys may stay without a value "
+                             "and checkpoint tensors unused")
     parser.add_argument("--allow-pickle", action="store_true", help="torch.load with weights_only=False")
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
+
+
+def check_complete(report: ConversionReport) -> None:
+    """Raise ``ConversionCoverageError`` when a model key got no value or a checkpoint tensor
+    was left unused (not one the format drops on purpose)."""
+    problems = []
+    if report.unmatched_target_keys:
+        problems.append(f"{len(report.unmatched_target_keys)} model keys got no value "
+                        f"(e.g. {', '.join(report.unmatched_target_keys[:3])})")
+    if report.unused_source_keys:
+        problems.append(f"{len(report.unused_source_keys)} checkpoint tensors map to nothing "
+                        f"(e.g. {', '.join(report.unused_source_keys[:3])})")
+    if problems:
+        raise ConversionCoverageError(
+            f"incomplete conversion with --format {report.source_format}: {'; '.join(problems)}. Check the config "
+            f"(variant options, layers, classes) against the checkpoint")
 
 
 def convert(args: argparse.Namespace) -> ConversionReport:
@@ -76,17 +70,16 @@ def convert(args: argparse.Namespace) -> ConversionReport:
         raise ValueError(f"the output {args.output!r} is the input checkpoint: choose another path")
     cfg = load_config(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = "cpu"
-    load, convert_fn = OTHER_FORMATS.get(args.format, (load_model_tensors, None))
-    source = load(args.input, args.allow_pickle)
+    fmt = FORMATS[args.format]
+    source = fmt.load(args.input, args.allow_pickle)
+    if not args.allow_partial:
+        check_format_fits(args.format, list(source), repr(args.input))
     target = build_model(cfg).state_dict()
-    if convert_fn is not None:
-        converted, report = convert_fn(source, target, cfg)
-    else:
-        converted, report = convert_detr_state_dict(source, args.format, target, cfg.MODEL.DETR.DEC_LAYERS)
+    converted, report = fmt.convert(source, target, cfg)
     print(report.summary())
-    report.check_coverage(args.min_coverage)
-    if args.strict and report.unmatched_target_keys:
-        raise ValueError(f"--strict: {len(report.unmatched_target_keys)} model keys have no value (listed above)")
+    report.check_coverage(0.0)  # at least one tensor, whatever the flags
+    if not args.allow_partial:
+        check_complete(report)
     checkpoint = {"model": converted, "__author__": "maskfrozen tools/convert_checkpoint.py"}
     atomic_write(args.output, lambda f: torch.save(checkpoint, f))
     print(f"wrote {args.output}")
@@ -99,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> ConversionReport:
     try:
         return convert(args)
     except (FileNotFoundError, ValueError) as e:  # CheckpointFormatError, ConversionCoverageError, shapes
-        hint = " (a partial conversion on purpose: lower --min-coverage)" if isinstance(e, ConversionCoverageError) else ""
+        hint = " (a partial conversion on purpose: --allow-partial)" if isinstance(e, ConversionCoverageError) else ""
         raise SystemExit(f"convert_checkpoint.py: error: {e}{hint}\nnothing written to {args.output!r}") from e
 
 

@@ -26,6 +26,8 @@ import torch
 
 from .key_table import convert_by_table, finish_report
 from .detr_converter import ConversionReport, _torchvision_resnet
+from .formats import CheckpointFormat, register_format
+from .loading import load_model_tensors
 
 __all__ = ["CO_DINO_TABLE", "CoDETRConversionReport", "convert_co_detr_state_dict", "permute_rpn_anchors"]
 
@@ -175,3 +177,12 @@ def convert_co_detr_state_dict(
                 report.zero_filled.append(key)
     finish_report(report, converted, target)
     return converted, report
+
+
+def _convert_co_detr(source, target, cfg):
+    co = cfg.MODEL.CO_DETR
+    return convert_co_detr_state_dict(source, target, aux_heads=co.AUX_HEADS, include_aux_heads=co.ENABLED)
+
+
+register_format(CheckpointFormat("co_detr", load_model_tensors, _convert_co_detr,
+                                 signature=(r"^query_head\.transformer\.",), description="Sense-X/Co-DETR (mmdet)"))

@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from .key_table import convert_by_table, finish_report
+from .formats import CheckpointFormat, register_format
+from .loading import load_model_tensors
 
 __all__ = ["ConversionReport", "ConversionCoverageError", "convert_detr_state_dict", "KEY_TABLES",
            "coco_contiguous_ids"]
@@ -161,7 +163,7 @@ class ConversionReport:
             f"only {converted}{model} got a value: {converted} of the checkpoint's {self.num_source_tensors} "
             f"tensors mapped with --format {self.source_format} (required: {min_fraction:.0%} of the model's keys); "
             f"{len(self.unused_source_keys)} checkpoint keys unused, e.g. {examples}. "
-            f"Is the format right (one of {sorted(KEY_TABLES)}), and is the checkpoint of this model?")
+            f"Is the format right (tools/convert_checkpoint.py --help lists them), and is the checkpoint of this model?")
 
     def summary(self) -> str:
         model = f", {len(self.renamed)} of the model's {self.num_target_keys} keys filled" \
@@ -235,3 +237,18 @@ def convert_detr_state_dict(
         shape_hint="NUM_CLASSES, NUM_QUERIES, HIDDEN_DIM, layers, variant options")
     finish_report(report, converted, target)
     return converted, report
+
+
+def _detr_format(name: str, signature, excludes=(), description: str = "") -> CheckpointFormat:
+    convert = lambda source, target, cfg: convert_detr_state_dict(  # noqa: E731
+        source, name, target, cfg.MODEL.DETR.DEC_LAYERS)
+    return CheckpointFormat(name, load_model_tensors, convert, signature, excludes, description)
+
+
+_DEFORMABLE_ORIGINAL = (r"^transformer\.encoder\.layers\.\d+\.self_attn\.sampling_offsets\.", r"^input_proj\.\d+\.")
+register_format(_detr_format("detrex", (r"^transformer\.encoder\.layers\.\d+\.attentions\.0\.sampling_offsets\.",),
+                             description="detrex DINO / H-DETR / Deformable-DETR"))
+register_format(_detr_format("original", _DEFORMABLE_ORIGINAL, (r"^label_enc\.", r"^transformer\.tgt_embed\."),
+                             description="fundamentalvision/Deformable-DETR, HDETR/H-Deformable-DETR"))
+register_format(_detr_format("original_dino", _DEFORMABLE_ORIGINAL + (r"^label_enc\.weight$",),
+                             description="IDEA-Research/DINO"))

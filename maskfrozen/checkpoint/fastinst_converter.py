@@ -25,6 +25,8 @@ import torch
 
 from .detr_converter import ConversionReport
 from .key_table import convert_by_table, finish_report, rename_by_table
+from .formats import CheckpointFormat, register_format
+from .mask2former_converter import load_mask2former_checkpoint
 
 __all__ = ["FASTINST_TABLE", "convert_fastinst_state_dict"]
 
@@ -114,3 +116,9 @@ def convert_fastinst_state_dict(
                    "NUM_AUX_QUERIES / DIM_FEEDFORWARD / DEC_LAYERS, backbone")
     finish_report(report, converted, target)
     return converted, report
+
+
+register_format(CheckpointFormat(
+    "fastinst", load_mask2former_checkpoint, lambda source, target, cfg: convert_fastinst_state_dict(source, target),
+    signature=(r"^sem_seg_head\.predictor\.query_proposal\.", r"^sem_seg_head\.pixel_decoder\.ppm\."),
+    description="junjiehe96/FastInst"))

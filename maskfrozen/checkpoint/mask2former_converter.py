@@ -17,6 +17,7 @@ import torch
 from .detr_converter import ConversionReport
 from .key_table import convert_by_table, finish_report, rename_by_table
 from .loading import CheckpointFormatError, load_model_tensors
+from .formats import CheckpointFormat, register_format
 
 __all__ = ["MASK2FORMER_TABLE", "convert_mask2former_state_dict", "load_mask2former_checkpoint"]
 
@@ -102,3 +103,9 @@ def load_mask2former_checkpoint(path: str, allow_pickle: bool = False) -> Dict[s
     if not tensors:
         raise CheckpointFormatError(f"{path!r} holds no arrays at its top level or under 'model'")
     return tensors
+
+
+register_format(CheckpointFormat(
+    "mask2former", load_mask2former_checkpoint, lambda source, target, cfg: convert_mask2former_state_dict(source, target),
+    signature=(r"^sem_seg_head\.predictor\.transformer_cross_attention_layers\.", r"^sem_seg_head\.pixel_decoder\."),
+    description="facebookresearch/Mask2Former"))
