@@ -5,9 +5,11 @@ the R-CNN positives' GT indices, masked padding, the public Co-DINO checkpoint c
 synthetic state_dict, DDP (gloo) replicas with the auxiliary heads on, and the CPU fast paths
 (SparseGradROIPooler, TruncatedNMSRPN, the fused RPN / ATSS output convs) against the detectron2
 modules and separate convs they replace."""
+import ast
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -148,6 +150,91 @@ def test_eval_outputs_are_bit_identical_with_and_without_co_detr():
         x, y = x["instances"], y["instances"]
         assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
         assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_classes, y.pred_classes)
+
+
+def test_unknown_or_repeated_aux_head_is_a_clear_error():
+    with pytest.raises(ValueError) as err:
+        build_model(tiny_cfg("MODEL.CO_DETR.AUX_HEADS", "['yolo']"))
+    message = str(err.value)
+    assert "MODEL.CO_DETR.AUX_HEADS" in message and "unknown" in message and "'yolo'" in message
+    assert "registered heads: atss, faster_rcnn" in message
+    with pytest.raises(ValueError, match=r"\['atss'\] listed more than once"):
+        build_model(tiny_cfg("MODEL.CO_DETR.AUX_HEADS", "['atss', 'atss']"))
+
+
+def _names_in(tree) -> set:
+    """Imported modules, names, attributes, keyword / argument names and non-docstring
+    string constants of a module's AST (docstrings are prose)."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
+        n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body and isinstance(
+        n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update([node.module or ""] + [a.name for a in node.names])
+        elif isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, (ast.keyword, ast.arg)):
+            names.add(node.arg or "")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            names.add(node.value)
+    return names
+
+
+def test_detr_package_never_names_co_detr():
+    """The arrow points from Co-DETR to the detector: every module of maskfrozen.modeling.detr
+    imports and names nothing of co_detr; Co-DETR reaches the detector through the DETR
+    extension registry, and a training step reaches it only through that registry."""
+    import importlib
+    import pkgutil
+
+    import maskfrozen.modeling.detr as detr_pkg
+    from maskfrozen.modeling.detr.extensions import DETR_EXTENSIONS
+
+    modules = [detr_pkg] + [importlib.import_module(f"{detr_pkg.__name__}.{m.name}")
+                            for m in pkgutil.iter_modules(detr_pkg.__path__)]
+    assert len(modules) >= 7 and any(m.__name__.endswith(".meta_arch") for m in modules)
+    for module in modules:
+        names = _names_in(ast.parse(open(module.__file__).read()))
+        offending = sorted(n for n in names if re.search(r"co_?detr", n, re.IGNORECASE))
+        assert not offending, f"{module.__file__} names {offending}"
+    assert DETR_EXTENSIONS["co_detr"].__module__ == "maskfrozen.modeling.co_detr.co_detr"
+
+
+def test_a_registered_detr_extension_is_built_held_and_called_in_training_only(monkeypatch):
+    """The hook itself, with a toy extension: built from the config with the level strides,
+    held under its name, its losses added in training, never called in eval."""
+    from maskfrozen.modeling.detr import extensions
+
+    calls = []
+
+    class Toy(torch.nn.Module):
+        def __init__(self, strides):
+            super().__init__()
+            self.strides, self.weight = strides, torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, detector, detected, targets):
+            calls.append(len(targets))
+            return {"loss_toy": self.weight * 2.0}, []
+
+    monkeypatch.setitem(extensions.DETR_EXTENSIONS, "toy", lambda cfg, strides: Toy(strides))
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("MODEL.CO_DETR.ENABLED", "False"))
+    assert model.co_detr is None and model.toy.strides == model.level_strides
+    assert "toy.weight" in model.state_dict()
+    losses = model(_inputs())
+    assert losses["loss_toy"].item() == 2.0 and calls == [2]
+    model.eval()
+    with torch.no_grad():
+        model(_inputs())
+    assert calls == [2]
+    with pytest.raises(ValueError, match="'backbone' clashes"):
+        monkeypatch.setitem(extensions.DETR_EXTENSIONS, "backbone", lambda cfg, strides: None)
+        build_model(tiny_cfg())
 
 
 K_VARIANTS = {
@@ -292,13 +379,30 @@ def test_configs_code_defaults_and_shapes_recipes():
     mf_co, mf_dino = _load("shapes", "mask_frozen_detr", "co_dino_R18.yaml"), _load("shapes", "mask_frozen_detr",
                                                                                     "dino_R18.yaml")
     assert mf_co.MODEL.CO_DETR == co.MODEL.CO_DETR and mf_co.MODEL.DETR == co.MODEL.DETR
-    mf_co.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS = mf_dino.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS
-    assert mf_co.MODEL.MASK_FROZEN == mf_dino.MODEL.MASK_FROZEN and mf_co.SOLVER == mf_dino.SOLVER
+    # key by key: the Mask Frozen-DETR DINO recipe with the Co-DINO's CO_DETR keys, its own weights and folder
+    expected = mf_dino.clone()
+    expected.MODEL.CO_DETR = co.MODEL.CO_DETR.clone()
+    expected.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS = "output/shapes/co_dino_R18/model_final.pth"
+    expected.OUTPUT_DIR = "output/shapes/mask_frozen_co_dino_R18"
+    assert mf_co == expected
     mf_co.MODEL.MASK_FROZEN.DETECTOR_WEIGHTS = ""
     mf_co.MODEL.MASK_FROZEN.ALLOW_RANDOM_DETECTOR = True
     model = build_model(mf_co)  # the frozen detector carries the (unused) Co-DETR heads of the checkpoint
     assert any(n.startswith("detector.co_detr.") for n, _ in model.named_parameters())
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("detector."))
+
+
+def test_a_co_detr_change_in_the_detector_recipe_reaches_the_mask_frozen_recipe(tmp_path):
+    """configs/shapes/mask_frozen_detr/co_dino_R18.yaml inherits (not repeats) the Co-DINO's
+    MODEL.CO_DETR keys: edit one in a copy of the shapes configs, both recipes see it."""
+    shutil.copytree(os.path.join(REPO, "configs", "shapes"), tmp_path / "shapes")
+    detector_yaml = tmp_path / "shapes" / "co_detr" / "co_dino_R18.yaml"
+    text = detector_yaml.read_text()
+    assert text.count("MAX_POSITIVES: 300") == 1
+    detector_yaml.write_text(text.replace("MAX_POSITIVES: 300", "MAX_POSITIVES: 123"))
+    mask_frozen = load_config(str(tmp_path / "shapes" / "mask_frozen_detr" / "co_dino_R18.yaml"))
+    assert mask_frozen.MODEL.CO_DETR.MAX_POSITIVES == 123
+    assert mask_frozen.MODEL.META_ARCHITECTURE == "MaskFrozenDETR"
 
 
 @pytest.mark.parametrize("name", ["co_dino_R50_5scale_12ep.yaml", "co_deformable_detr_R50_12ep.yaml"])

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Instances
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
@@ -93,7 +94,7 @@ def _conv_gn_relu(channels: int, num_groups: int) -> Conv2d:
 class ATSSHead(nn.Module):
     """ATSS head on a feature pyramid (shared over levels); see the module doc.
 
-    ``forward(features, gt_boxes, gt_labels)`` (training only) returns the unweighted-by-
+    ``forward(images, features, gt_instances)`` (training only) returns the unweighted-by-
     lambda losses ``{"loss_atss_cls", "loss_atss_bbox", "loss_atss_centerness"}`` (term
     weights applied) and each image's :class:`AuxPositives` (the positive anchors).
     """
@@ -142,8 +143,12 @@ class ATSSHead(nn.Module):
             centerness.append(ctr.flatten(1))
         return torch.cat(logits, 1), torch.cat(deltas, 1), torch.cat(centerness, 1)
 
-    def forward(self, features: List[torch.Tensor], gt_boxes: Sequence[torch.Tensor],
-                gt_labels: Sequence[torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[AuxPositives]]:
+    def forward(self, images, features: List[torch.Tensor],
+                gt_instances: Sequence[Instances]) -> Tuple[Dict[str, torch.Tensor], List[AuxPositives]]:
+        """The auxiliary-head interface (as :class:`FasterRCNNAuxHead`): ``images`` (unused),
+        the adapter's ``features``, per image ``gt_boxes`` (XYXY pixels) and ``gt_classes``."""
+        gt_boxes = [inst.gt_boxes.tensor for inst in gt_instances]
+        gt_labels = [inst.gt_classes for inst in gt_instances]
         anchors_per_level = [b.tensor for b in self.anchor_generator(features)]
         anchors = torch.cat(anchors_per_level)
         logits, deltas, centerness = self.predict(features)

@@ -1,13 +1,17 @@
 """``CoDETR``: collaborative hybrid assignments training (Zong et al., ICCV 2023) for any
 detector of the DETR meta-arch, attached by config (``MODEL.CO_DETR``, see
-:func:`maskfrozen.config.add_co_detr_config`).
+:func:`maskfrozen.config.add_co_detr_config`) through the DETR extension registry
+(:mod:`maskfrozen.modeling.detr.extensions`, name ``co_detr``): the detector never imports
+this package.
 
 Training only, through the detector interface (no patching of the transformer):
 
 1. the :class:`MultiScaleAdapter` turns the encoder memory (``DetectorOutputs.transformer``)
    into a pyramid (+1 coarser level);
-2. K auxiliary heads with one-to-many assignment run on it (``"atss"``: :class:`ATSSHead`;
-   ``"faster_rcnn"``: :class:`FasterRCNNAuxHead`); their losses, each logged under its own
+2. K auxiliary heads with one-to-many assignment run on it (registered in
+   :data:`AUX_HEAD_BUILDERS` by name: ``"atss"``: :class:`ATSSHead`; ``"faster_rcnn"``:
+   :class:`FasterRCNNAuxHead`; each ``head(images, features, gt_instances) -> (losses,
+   positives)``); their losses, each logged under its own
    name, are the encoder loss ``lambda_2 * (D if the paper's per-decoder-layer sum else 1)
    * sum(term weight * term)`` (the paper sums ``lambda_2 L_enc`` once per decoder layer,
    as the public code's ``num_dec_layer * lambda_2`` factors do);
@@ -20,7 +24,7 @@ In eval mode nothing here runs: the detector's ``detect`` and ``inference`` neve
 it, so predictions and the parameters used equal those of the detector without it.
 """
 import contextlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances
@@ -29,15 +33,51 @@ from torch import nn
 
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy
 from maskfrozen.modeling.criterion import QuerySet
+from maskfrozen.modeling.detr.extensions import register_detr_extension
 
 from .adapter import MultiScaleAdapter
 from .atss import ATSSHead
 from .positive_queries import PositiveQueryEmbedding, batch_positives, positive_query_sets
 from .rcnn import FasterRCNNAuxHead
 
-__all__ = ["CoDETR", "build_co_detr", "AUX_HEAD_TYPES"]
+__all__ = ["CoDETR", "build_co_detr", "check_aux_heads", "AUX_HEAD_BUILDERS", "register_aux_head"]
 
-AUX_HEAD_TYPES = ("atss", "faster_rcnn")
+# name -> builder(cfg, adapter_strides, num_encoder_levels) -> head module
+AUX_HEAD_BUILDERS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_aux_head(name: str):
+    """Decorator: register a builder ``(cfg, adapter_strides, num_encoder_levels) -> head``
+    under ``name``, the value ``MODEL.CO_DETR.AUX_HEADS`` lists it by."""
+    def register(builder):
+        AUX_HEAD_BUILDERS[name] = builder
+        return builder
+    return register
+
+
+@register_aux_head("atss")
+def _build_atss_head(cfg, strides: Sequence[int], num_encoder_levels: int) -> ATSSHead:
+    a, d = cfg.MODEL.CO_DETR.ATSS, cfg.MODEL.DETR
+    return ATSSHead(
+        d.HIDDEN_DIM, d.NUM_CLASSES, strides, num_convs=a.NUM_CONVS, num_groups=d.GN_GROUPS,
+        anchor_scale=a.ANCHOR_SCALE, topk=a.TOPK, focal_alpha=a.FOCAL_ALPHA, focal_gamma=a.FOCAL_GAMMA,
+        class_weight=a.CLASS_WEIGHT, box_weight=a.BOX_WEIGHT, centerness_weight=a.CENTERNESS_WEIGHT)
+
+
+@register_aux_head("faster_rcnn")
+def _build_faster_rcnn_head(cfg, strides: Sequence[int], num_encoder_levels: int) -> FasterRCNNAuxHead:
+    r, h, d = cfg.MODEL.CO_DETR.RPN, cfg.MODEL.CO_DETR.ROI_HEAD, cfg.MODEL.DETR
+    return FasterRCNNAuxHead(
+        d.HIDDEN_DIM, d.NUM_CLASSES, strides, num_roi_levels=num_encoder_levels,
+        rpn_anchor_scale=r.ANCHOR_SCALE, rpn_scales_per_octave=r.SCALES_PER_OCTAVE,
+        rpn_aspect_ratios=r.ASPECT_RATIOS, rpn_iou_thresholds=r.IOU_THRESHOLDS,
+        rpn_batch_size_per_image=r.BATCH_SIZE_PER_IMAGE, rpn_positive_fraction=r.POSITIVE_FRACTION,
+        rpn_pre_nms_topk=r.PRE_NMS_TOPK, rpn_post_nms_topk=r.POST_NMS_TOPK, rpn_nms_thresh=r.NMS_THRESH,
+        rpn_class_weight=r.CLASS_WEIGHT, rpn_box_weight=r.BOX_WEIGHT, pooler_resolution=h.POOLER_RESOLUTION,
+        pooler_sampling_ratio=h.SAMPLING_RATIO,
+        canonical_box_size=h.CANONICAL_BOX_SIZE, fc_dim=h.FC_DIM, num_fc=h.NUM_FC,
+        roi_batch_size_per_image=h.BATCH_SIZE_PER_IMAGE, roi_positive_fraction=h.POSITIVE_FRACTION,
+        roi_iou_threshold=h.IOU_THRESHOLD, roi_class_weight=h.CLASS_WEIGHT, roi_box_weight=h.BOX_WEIGHT)
 
 
 def _event_storage():
@@ -67,7 +107,8 @@ class CoDETR(nn.Module):
 
     def forward(self, detector, detected, targets: List[Dict[str, torch.Tensor]]
                 ) -> Tuple[Dict[str, torch.Tensor], List[QuerySet]]:
-        """Encoder losses and positive-query entries of a training batch.
+        """Encoder losses and positive-query entries of a training batch (the DETR extension
+        interface).
 
         Args:
             detector: the ``DeformableDETRFamily`` (its ``transformer.decode`` is reused).
@@ -76,58 +117,46 @@ class CoDETR(nn.Module):
         """
         encoded, images = detected.transformer, detected.images
         features = self.adapter(encoded)
-        gt_boxes, gt_instances = [], []
+        gt_instances = []
         for t, (h, w) in zip(targets, images.image_sizes):
-            boxes = box_cxcywh_to_xyxy(t["boxes"]) * torch.tensor([w, h, w, h], dtype=t["boxes"].dtype,
-                                                                   device=t["boxes"].device)
-            gt_boxes.append(boxes)
+            scale = torch.tensor([w, h, w, h], dtype=t["boxes"].dtype, device=t["boxes"].device)
             inst = Instances((h, w))
-            inst.gt_boxes, inst.gt_classes = Boxes(boxes), t["labels"]
+            inst.gt_boxes, inst.gt_classes = Boxes(box_cxcywh_to_xyxy(t["boxes"]) * scale), t["labels"]
             gt_instances.append(inst)
         num_gt = sum(len(t["labels"]) for t in targets)
         losses, groups = {}, []
         with _event_storage():
-            for kind, head in zip(self.head_types, self.heads):
-                if kind == "atss":
-                    head_losses, positives = head(features, gt_boxes, [t["labels"] for t in targets])
-                else:
-                    head_losses, positives = head(images, features, gt_instances)
+            for head in self.heads:
+                head_losses, positives = head(images, features, gt_instances)
                 losses.update({k: v * self.enc_weight for k, v in head_losses.items()})
                 groups.append(batch_positives(positives, images.image_sizes, self.max_positives, detector.hidden_dim))
         return losses, positive_query_sets(detector, encoded, groups, self.query_embeddings, self.lambda_1, num_gt)
 
 
+def check_aux_heads(aux_heads: Sequence[str]) -> None:
+    """``MODEL.CO_DETR.AUX_HEADS``: registered names, each at most once (ValueError naming
+    the key, the offending names and the registered ones otherwise)."""
+    registered = ", ".join(sorted(AUX_HEAD_BUILDERS))
+    unknown = [h for h in aux_heads if h not in AUX_HEAD_BUILDERS]
+    if unknown:
+        raise ValueError(f"MODEL.CO_DETR.AUX_HEADS={list(aux_heads)}: unknown auxiliary head(s) {unknown}; "
+                         f"registered heads: {registered}")
+    repeated = sorted({h for h in aux_heads if list(aux_heads).count(h) > 1})
+    if repeated:
+        raise ValueError(f"MODEL.CO_DETR.AUX_HEADS={list(aux_heads)}: {repeated} listed more than once (each "
+                         f"registered head at most once: {registered})")
+
+
+@register_detr_extension("co_detr")
 def build_co_detr(cfg, level_strides: Sequence[int]):
     """The :class:`CoDETR` of ``cfg.MODEL.CO_DETR`` for a detector whose encoder levels have
     ``level_strides``, or None when disabled or without auxiliary heads (K = 0)."""
     c, d = cfg.MODEL.CO_DETR, cfg.MODEL.DETR
     if not c.ENABLED or not c.AUX_HEADS:
         return None
-    unknown = [h for h in c.AUX_HEADS if h not in AUX_HEAD_TYPES]
-    if unknown or len(set(c.AUX_HEADS)) != len(c.AUX_HEADS):
-        raise ValueError(f"MODEL.CO_DETR.AUX_HEADS={list(c.AUX_HEADS)}: each of {AUX_HEAD_TYPES} at most once")
+    check_aux_heads(c.AUX_HEADS)
     adapter = MultiScaleAdapter(d.HIDDEN_DIM, list(level_strides), d.GN_GROUPS)
-    heads = []
-    for kind in c.AUX_HEADS:
-        if kind == "atss":
-            a = c.ATSS
-            heads.append(ATSSHead(
-                d.HIDDEN_DIM, d.NUM_CLASSES, adapter.strides, num_convs=a.NUM_CONVS, num_groups=d.GN_GROUPS,
-                anchor_scale=a.ANCHOR_SCALE, topk=a.TOPK, focal_alpha=a.FOCAL_ALPHA, focal_gamma=a.FOCAL_GAMMA,
-                class_weight=a.CLASS_WEIGHT, box_weight=a.BOX_WEIGHT, centerness_weight=a.CENTERNESS_WEIGHT))
-        else:
-            r, h = c.RPN, c.ROI_HEAD
-            heads.append(FasterRCNNAuxHead(
-                d.HIDDEN_DIM, d.NUM_CLASSES, adapter.strides, num_roi_levels=len(level_strides),
-                rpn_anchor_scale=r.ANCHOR_SCALE, rpn_scales_per_octave=r.SCALES_PER_OCTAVE,
-                rpn_aspect_ratios=r.ASPECT_RATIOS, rpn_iou_thresholds=r.IOU_THRESHOLDS,
-                rpn_batch_size_per_image=r.BATCH_SIZE_PER_IMAGE, rpn_positive_fraction=r.POSITIVE_FRACTION,
-                rpn_pre_nms_topk=r.PRE_NMS_TOPK, rpn_post_nms_topk=r.POST_NMS_TOPK, rpn_nms_thresh=r.NMS_THRESH,
-                rpn_class_weight=r.CLASS_WEIGHT, rpn_box_weight=r.BOX_WEIGHT, pooler_resolution=h.POOLER_RESOLUTION,
-                pooler_sampling_ratio=h.SAMPLING_RATIO,
-                canonical_box_size=h.CANONICAL_BOX_SIZE, fc_dim=h.FC_DIM, num_fc=h.NUM_FC,
-                roi_batch_size_per_image=h.BATCH_SIZE_PER_IMAGE, roi_positive_fraction=h.POSITIVE_FRACTION,
-                roi_iou_threshold=h.IOU_THRESHOLD, roi_class_weight=h.CLASS_WEIGHT, roi_box_weight=h.BOX_WEIGHT))
+    heads = [AUX_HEAD_BUILDERS[kind](cfg, adapter.strides, len(level_strides)) for kind in c.AUX_HEADS]
     static = d.QUERY_POS == "static"
     embeddings = [PositiveQueryEmbedding(d.HIDDEN_DIM, static, c.QUERY_FEATURES) for _ in c.AUX_HEADS]
     enc_weight = c.LAMBDA_2 * (d.DEC_LAYERS if c.ENC_LOSS_PER_DECODER_LAYER else 1)

@@ -18,9 +18,10 @@ frozen one, Co-DETR's auxiliary heads, the benchmarks) instead of reaching into 
   shared criterion); ``query_sets(detected, targets)`` the entries themselves;
 - ``hidden_dim``, ``num_feature_levels``, ``matcher`` (the detector's Hungarian matcher).
 
-Co-DETR (``MODEL.CO_DETR``, off by default) attaches here: the optional ``co_detr`` module
-(:mod:`maskfrozen.modeling.co_detr`) is called only by ``losses`` in training, adding its
-auxiliary-head losses and its positive-query entries; inference never runs it.
+Training extensions (e.g. Co-DETR's auxiliary heads) attach through the registry of
+:mod:`.extensions`: each registered builder may return a module, held as an attribute of
+its registered name and called only by ``losses`` in training (extra losses and query-set
+entries); inference never runs one, and this module names none of them.
 """
 import math
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from maskfrozen.modeling.criterion import (HungarianMatcher, QuerySet, SetCriter
 from maskfrozen.modeling.postprocess import top_query_class_pairs
 
 from .denoising import ContrastiveDenoising, DenoisingQueries
+from .extensions import build_detr_extensions
 from .neck import ChannelMapper
 from .transformer import DeformableTransformer, DeformableTransformerOutput
 
@@ -84,7 +86,7 @@ class DeformableDETRFamily(nn.Module):
         enc_class_agnostic: bool = True,
         one2many_repeats: int = 6,
         one2many_weight: float = 1.0,
-        co_detr: Optional[nn.Module] = None,
+        extensions: Optional[Dict[str, Optional[nn.Module]]] = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -98,7 +100,11 @@ class DeformableDETRFamily(nn.Module):
         self.test_topk = test_topk
         self.enc_class_agnostic = enc_class_agnostic
         self.one2many_repeats, self.one2many_weight = one2many_repeats, one2many_weight
-        self.co_detr = co_detr  # training-only Co-DETR heads (None: off)
+        self.extension_names = list(extensions or {})  # training-only modules (.extensions)
+        for name, module in (extensions or {}).items():
+            if hasattr(self, name):
+                raise ValueError(f"DETR extension name {name!r} clashes with an attribute of {type(self).__name__}")
+            setattr(self, name, module)  # None: that extension is off
         shape = backbone.output_shape()
         strides = [shape[f].stride for f in self.in_features]
         self.level_strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(len(neck.extra_convs))]
@@ -121,8 +127,6 @@ class DeformableDETRFamily(nn.Module):
                              "the detections)")
         if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
             raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
-        from maskfrozen.modeling.co_detr import build_co_detr  # here: co_detr imports this package
-
         matcher = HungarianMatcher(
             {"class": d.CLASS_COST_WEIGHT, "bbox": d.BBOX_COST_WEIGHT, "giou": d.GIOU_COST_WEIGHT},
             focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
@@ -156,7 +160,7 @@ class DeformableDETRFamily(nn.Module):
             "enc_class_agnostic": d.ENC_CLASS_AGNOSTIC,
             "one2many_repeats": d.K_ONE2MANY,
             "one2many_weight": d.LAMBDA_ONE2MANY,
-            "co_detr": build_co_detr(cfg, [shape[f].stride for f in d.IN_FEATURES] + [
+            "extensions": build_detr_extensions(cfg, [shape[f].stride for f in d.IN_FEATURES] + [
                 shape[d.IN_FEATURES[-1]].stride * 2 ** (i + 1) for i in range(num_extra)]),
         }
 
@@ -245,13 +249,16 @@ class DeformableDETRFamily(nn.Module):
         return sets
 
     def losses(self, detected: DetectorOutputs, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """The detector's weighted losses (``loss_<term><suffix>[_aux<i>]``); with Co-DETR in
-        training, also its auxiliary-head losses and positive-query entries (``_pos<i>``)."""
-        sets, co_detr_losses = self.query_sets(detected, targets), {}
-        if self.co_detr is not None and self.training:
-            co_detr_losses, positive_sets = self.co_detr(self, detected, targets)
-            sets = sets + positive_sets
-        return {**self.criterion(sets, targets), **co_detr_losses}
+        """The detector's weighted losses (``loss_<term><suffix>[_aux<i>]``); in training, also
+        each active extension's losses and query-set entries."""
+        sets, extension_losses = self.query_sets(detected, targets), {}
+        for name in self.extension_names if self.training else ():
+            extension = getattr(self, name)
+            if extension is not None:
+                more_losses, more_sets = extension(self, detected, targets)
+                extension_losses.update(more_losses)
+                sets = sets + list(more_sets)
+        return {**self.criterion(sets, targets), **extension_losses}
 
     # ------------------------------------------------------------------ inference
     def inference(self, out: DeformableTransformerOutput, batched_inputs: List[Dict], image_sizes) -> List[Dict]:
