@@ -218,6 +218,12 @@ def add_mask2former_config(cfg: CN) -> None:
     m.TEST.OBJECT_MASK_THRESHOLD = 0.8  # panoptic only (unused)
     # sigmoid threshold of a mask pixel (the official code thresholds logits at 0)
     m.TEST.MASK_THRESHOLD = 0.5
+    # ours, off = official: score and threshold the masks at the input size and resize the
+    # probabilities afterwards, dropping empty masks (official: logits resized to the output size first)
+    m.TEST.POSTPROCESS_AT_INPUT_SIZE = False
+    # boxes from masks (ours; the official code returns none): 0 = tight around the whole mask;
+    # s > 0 = around the mask's connected components holding >= s of its area (and its largest)
+    m.TEST.BOX_MIN_COMPONENT_SHARE = 0.0
     # LSJ mapper (INPUT.DATASET_MAPPER_NAME "coco_instance_lsj"): ResizeScale + FixedSizeCrop
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
@@ -244,6 +250,10 @@ def add_fastinst_config(cfg: CN) -> None:
     f.LOCATION_WEIGHT = 1000.0
     f.PROPOSAL_WEIGHT = 20.0
     f.GT_GUIDED = True  # GT-mask-guided learning (training only)
+    # ours, off = official: query locations at the 1/16 cells' centres (official: linspace(0, 1, n))
+    f.LOCATIONS_AT_CELL_CENTRES = False
+    # ours, off = official: the GT-guided pass runs layer i on its input (official: on its output)
+    f.GT_GUIDED_ON_LAYER_INPUT = False
     # fastinst_instance mapper: with probability 0.5 a resize (shortest edge from MIN_SIZE) +
     # RandomCrop(CROP.TYPE, CROP.SIZE) runs before the usual resize + flip
     cfg.INPUT.CROP.RESIZE = CN()

@@ -71,8 +71,11 @@ def test_queries_are_the_top_local_maxima_of_the_argmax_class():
     x = torch.arange(32, dtype=torch.float32).view(1, 2, 4, 4)
     proposal.conv_proposal_cls_logits = _Constant(logits)  # the selection only
     out = proposal(x, torch.zeros(2, 4, 4))
+    assert out.index.tolist() == [[0, 15]]
     assert out.features[0].tolist() == [[0.0, 16.0], [15.0, 31.0]]
-    assert out.locations[0].tolist() == [[0.125, 0.125], [0.875, 0.875]]
+    assert out.locations[0].tolist() == [[0.0, 0.0], [1.0, 1.0]]  # official: linspace(0, 1, 4) per axis
+    proposal.cell_centre_locations = True  # ours (MODEL.FASTINST.LOCATIONS_AT_CELL_CENTRES)
+    assert proposal(x, torch.zeros(2, 4, 4)).locations[0].tolist() == [[0.125, 0.125], [0.875, 0.875]]
 
 
 def test_location_cost_zero_inside_penalised_outside_a_hand_made_mask():
@@ -103,7 +106,8 @@ def test_proposal_loss_is_a_plain_mean_over_pixels_with_the_matched_pixel_labell
     labels = torch.tensor([2, 2, 2, 1])  # row-major: (0,0) (0,1) (1,0) (1,1)
     expected = torch.nn.functional.cross_entropy(pixels, labels)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert grid_locations(2, 2).tolist() == [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
+    assert grid_locations(2, 2).tolist() == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    assert grid_locations(2, 2, cell_centres=True).tolist() == [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
 
 
 # ---------------------------------------------------------------------- decoder
@@ -147,6 +151,41 @@ def test_gt_guided_set_uses_the_last_layers_assignment_and_only_in_training(tmp_
     assert "aux_outputs" not in evaluated.outputs
     unguided = tiny_model(tmp_path, "MODEL.FASTINST.GT_GUIDED", "False").train()
     assert not any(k.endswith("_gt") or "_gt_" in k for k in unguided(synthetic_inputs()))
+
+
+def test_gt_guided_pass_runs_each_layer_on_its_output_or_with_the_option_on_its_input(tmp_path, one_thread):
+    """Each layer runs twice in training: the normal pass, then the GT-guided one. Official:
+    the guided call of layer i takes the normal call's OUTPUT (Q_i, X_i); with
+    MODEL.FASTINST.GT_GUIDED_ON_LAYER_INPUT (ours), its INPUT (Q_{i-1}, X_{i-1})."""
+    for on_input in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model(tmp_path, "MODEL.FASTINST.GT_GUIDED_ON_LAYER_INPUT", str(on_input)).train()
+        calls = {i: [] for i in range(len(model.transformer_decoder.layers))}
+        for i, layer in enumerate(model.transformer_decoder.layers):
+            layer.register_forward_hook(lambda m, args, out, i=i: calls[i].append((args[0], out)))
+        with torch.no_grad():
+            model(synthetic_inputs())
+        for (normal_in, normal_out), (guided_in, _) in calls.values():
+            expected = normal_in if on_input else normal_out
+            assert all(torch.equal(a, b) for a, b in zip(guided_in, expected))
+            assert not torch.equal(normal_in[0], normal_out[0])
+
+
+def test_all_top_k_pairs_kept_even_when_every_mask_is_empty(tmp_path, one_thread):
+    """The last head's masks forced empty: all TEST.DETECTIONS_PER_IMAGE (query, class) pairs
+    are reported (score 0, empty mask, zero box) as the official FastInst does (the old
+    post-processing dropped them: MODEL.MASK_FORMER.TEST.POSTPROCESS_AT_INPUT_SIZE)."""
+    torch.manual_seed(0)
+    model = tiny_model(tmp_path, "TEST.DETECTIONS_PER_IMAGE", "20").eval()
+    head = model.transformer_decoder.heads[-1]
+    with torch.no_grad():
+        head.pixel_proj.weight.zero_()
+        head.pixel_proj.bias.fill_(1.0)
+        head.mask_embed.layers[-1].weight.zero_()
+        head.mask_embed.layers[-1].bias.fill_(-1.0)
+        inst = model([{"image": synthetic_inputs(1)[0]["image"], "height": 90, "width": 100}])[0]["instances"]
+    assert len(inst) == 20 and inst.image_size == (90, 100) and not inst.pred_masks.any()
+    assert inst.scores.abs().sum() == 0 and inst.pred_boxes.tensor.abs().sum() == 0
 
 
 def test_auxiliary_queries_produce_no_predictions_but_take_part(tmp_path, one_thread):

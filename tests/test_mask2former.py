@@ -158,6 +158,55 @@ def test_predictions_carry_boxes_enclosing_their_masks_at_the_output_size(tmp_pa
     assert (boxes.abs().sum(1) > 0).any()
 
 
+def test_boxes_ignore_stray_fragments_only_when_asked():
+    """A 20 x 30 blob and a 3 x 3 fragment far away (1.5 % of the area), a mask of two halves
+    (50 / 50) and an empty mask, at 400 x 500 (components found on a 4 x 4-pixel grid): share 0
+    (the default) gives tight boxes around everything; share 0.1 drops the fragment but keeps
+    both halves; share 1 keeps the largest component only (both when two tie); empty masks give
+    zero boxes."""
+    from maskfrozen.modeling.postprocess import boxes_from_masks, main_components
+
+    masks = torch.zeros(3, 400, 500, dtype=torch.bool)
+    masks[0, 100:120, 200:230] = True  # main blob: 600 px
+    masks[0, 350:353, 20:23] = True  # fragment: 9 px
+    masks[1, 10:30, 10:30] = True
+    masks[1, 10:30, 300:320] = True  # a second half as large as the first
+    tight = boxes_from_masks(masks).tensor.tolist()
+    assert tight == [[20, 100, 230, 353], [10, 10, 320, 30], [0, 0, 0, 0]]
+    assert boxes_from_masks(masks, 0.1).tensor.tolist() == [[200, 100, 230, 120], [10, 10, 320, 30], [0, 0, 0, 0]]
+    assert boxes_from_masks(masks, 1.0).tensor.tolist()[0] == [200, 100, 230, 120]
+    assert boxes_from_masks(masks, 1.0).tensor.tolist()[1] == [10, 10, 320, 30]  # equal largest halves: both kept
+    assert torch.equal(main_components(masks, 0.1)[0], masks[0] & (torch.arange(400) < 200)[:, None])
+    with pytest.raises(ValueError, match="min_share must be in"):
+        main_components(masks, 1.5)
+
+
+def test_all_top_k_pairs_kept_even_with_empty_masks_unless_postprocessing_at_input_size(tmp_path, one_thread):
+    """Every mask forced empty (constant negative logits): the official post-processing keeps
+    all TEST.DETECTIONS_PER_IMAGE pairs (score 0, empty masks, zero boxes) at the output size;
+    our POSTPROCESS_AT_INPUT_SIZE variant drops detections whose mask is empty."""
+    torch.manual_seed(0)
+    x = synthetic_inputs(1)[0]
+    batch = [{"image": x["image"], "height": 200, "width": 160}]
+    counts = {}
+    for at_input in (False, True):
+        model = tiny_model(tmp_path, "TEST.DETECTIONS_PER_IMAGE", "12",
+                           "MODEL.MASK_FORMER.TEST.POSTPROCESS_AT_INPUT_SIZE", str(at_input)).eval()
+        with torch.no_grad():
+            model.pixel_decoder.mask_features.weight.zero_()
+            model.pixel_decoder.mask_features.bias.fill_(1.0)
+            last = model.transformer_decoder.mask_embed.layers[-1]
+            last.weight.zero_()
+            last.bias.fill_(-1.0)
+            inst = model(batch)[0]["instances"]
+        assert inst.image_size == (200, 160)
+        counts[at_input] = len(inst)
+        if not at_input:
+            assert not inst.pred_masks.any() and inst.pred_masks.shape == (12, 200, 160)
+            assert inst.scores.abs().sum() == 0 and inst.pred_boxes.tensor.abs().sum() == 0
+    assert counts == {False: 12, True: 0}
+
+
 def test_default_predictor_output_at_the_input_image_size(tmp_path, one_thread):
     from detectron2.engine import DefaultPredictor
 

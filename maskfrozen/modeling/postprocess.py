@@ -1,18 +1,23 @@
-"""Instance post-processing shared by the query-based mask models (Mask Frozen-DETR,
-Mask2Former, FastInst): top-k selection, mask-quality scores, boxes from masks, and
-resizing to the requested output size."""
+"""Instance post-processing shared by the mask models (Mask Frozen-DETR, Mask2Former, FastInst,
+SOTR): top-k selection, mask-quality scores, mask logits at the output size, boxes from masks
+(optionally ignoring stray fragments), and resizing to the requested output size."""
+import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.modeling.postprocessing import detector_postprocess, sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, Instances
+from scipy import ndimage
 
 __all__ = [
     "top_queries",
     "top_query_class_pairs",
     "mask_prob_score",
+    "mask_logits_at_output_size",
     "boxes_from_masks",
+    "main_components",
     "instances_to_output_size",
 ]
 
@@ -42,9 +47,60 @@ def mask_prob_score(mask_probs: torch.Tensor, threshold: float = 0.5) -> torch.T
     return (probs * inside).sum(1) / inside.sum(1).clamp(min=1.0)
 
 
-def boxes_from_masks(masks: torch.Tensor) -> Boxes:
-    """Tight XYXY boxes of ``[N, H, W]`` binary masks (zeros for an empty mask)."""
-    return BitMasks(masks.bool()).get_bounding_boxes()
+def mask_logits_at_output_size(mask_logits: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int],
+                               output_size: Tuple[int, int]) -> torch.Tensor:
+    """``[N, h, w]`` mask logits over the padded batch image (at the mask stride) -> ``[N, H_out,
+    W_out]`` logits at the requested output size, as the official Mask2Former / FastInst
+    inference: bilinear to the padded input size, the image cropped out of the padding, bilinear
+    to the output size (detectron2's ``sem_seg_postprocess``)."""
+    if not len(mask_logits):
+        return mask_logits.new_zeros((0, *output_size))
+    padded = F.interpolate(mask_logits[None], size=tuple(padded_size), mode="bilinear", align_corners=False)[0]
+    return sem_seg_postprocess(padded, tuple(image_size), *output_size)
+
+
+# components are labelled on masks max-pooled to at most this many cells a side (fragments closer
+# than one pooled cell join their neighbour); areas are counted at the full resolution
+_COMPONENT_GRID = 160
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def main_components(masks: torch.Tensor, min_share: float) -> torch.Tensor:
+    """``[N, H, W]`` binary masks without their stray fragments: of each mask's 8-connected
+    components, the largest and every one holding at least ``min_share`` of the mask's area are
+    kept (``min_share`` 1: the largest component only, or the largest ones when several tie;
+    0: all). Components are found on the
+    mask max-pooled to at most 160 cells a side, so pieces closer than one pooled cell count as
+    one."""
+    masks = masks.bool()
+    if not 0.0 <= min_share <= 1.0:
+        raise ValueError(f"main_components: min_share must be in [0, 1], got {min_share}")
+    if min_share == 0.0 or not masks.numel():
+        return masks
+    height, width = masks.shape[-2:]
+    cell = max(1, math.ceil(max(height, width) / _COMPONENT_GRID))
+    kept = masks.clone()
+    for i, mask in enumerate(masks):
+        area = F.avg_pool2d(mask[None, None].float(), cell, stride=cell, ceil_mode=True,
+                            count_include_pad=False, divisor_override=1)[0, 0]  # full-resolution pixels per cell
+        labels, count = ndimage.label((area > 0).cpu().numpy(), structure=_EIGHT_CONNECTED)
+        if count < 2:
+            continue
+        labels = torch.from_numpy(labels).to(mask.device)
+        sizes = torch.zeros(count + 1, dtype=area.dtype, device=mask.device).index_add_(0, labels.flatten(),
+                                                                                     area.flatten())[1:]
+        keep = (sizes >= min_share * sizes.sum()) | (sizes == sizes.max())
+        keep_cells = F.pad(keep, (1, 0))[labels]  # label 0 = background, never kept
+        full = keep_cells.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[:height, :width]
+        kept[i] = mask & full
+    return kept
+
+
+def boxes_from_masks(masks: torch.Tensor, min_component_share: float = 0.0) -> Boxes:
+    """XYXY boxes of ``[N, H, W]`` binary masks (zeros for an empty mask): tight around the
+    whole mask (``min_component_share`` 0, the default), or around its main connected components
+    only, stray fragments ignored (:func:`main_components`; 1: the largest component only)."""
+    return BitMasks(main_components(masks, min_component_share)).get_bounding_boxes()
 
 
 def _resized_masks(probs: torch.Tensor, height: int, width: int, threshold: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-__all__ = ["official_on_path", "stub_modules", "seed_everything"]
+__all__ = ["official_on_path", "stub_modules", "package_without_init", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -31,6 +31,15 @@ def stub_modules(names: Iterable[str]) -> None:
             sub = ".".join(parts[:i])
             if sub not in sys.modules:
                 sys.modules[sub] = types.ModuleType(sub)
+
+
+def package_without_init(name: str, directory: str) -> None:
+    """Register ``directory`` as package ``name`` without running its ``__init__.py`` (whose
+    imports pull in datasets, timm or compiled ops the golden runs do not need): its
+    submodules then import one by one, each with only its own imports."""
+    package = types.ModuleType(name)
+    package.__path__ = [directory]
+    sys.modules[name] = package
 
 
 @contextlib.contextmanager

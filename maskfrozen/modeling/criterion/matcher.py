@@ -15,7 +15,7 @@ from torch import nn
 
 from .losses import Indices, box_l1_cost, class_cost_focal, class_cost_softmax, giou_cost, location_cost
 from .mask_losses import dice_cost, sigmoid_bce_cost
-from .point_sampling import point_sample
+from .point_sampling import point_sample, uniform_points
 
 __all__ = ["HungarianMatcher", "CostFn", "default_cost_fns", "point_mask_costs", "MASK_COSTS"]
 
@@ -86,7 +86,7 @@ class HungarianMatcher(nn.Module):
 
     def mask_points(self, device: torch.device) -> torch.Tensor:
         """``[P, 2]`` uniform random (x, y) points shared by an image's masks."""
-        return torch.rand(self.num_mask_points, 2, device=device)
+        return uniform_points(1, self.num_mask_points, device)[0]
 
     def cost_matrix(self, outputs: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[Q, T]`` weighted total cost for one image (float32)."""

@@ -10,13 +10,50 @@ closest to the decision boundary, i.e. logit closest to 0) are kept, and
 Coordinates are normalised ``(x, y)`` in ``[0, 1]`` over the sampled map, where
 ``(0, 0)`` is the top-left corner of the top-left pixel (``grid_sample`` with
 ``align_corners=False``): the same convention as detectron2's mask pasting.
+
+Every uniform draw (importance-sampling candidates and fresh points here, the Hungarian
+matcher's shared points) goes through :func:`uniform_points`; inside :func:`replay_points` the
+draws are taken from a given sequence instead, e.g. the draws an official implementation made
+in the same run (the golden tests compare losses with the random parts fixed this way).
 """
-from typing import Callable, Optional, Tuple
+import contextlib
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["point_sample", "logit_uncertainty", "importance_sample_points", "box_points_to_image"]
+__all__ = ["point_sample", "logit_uncertainty", "uniform_points", "replay_points", "importance_sample_points",
+           "box_points_to_image"]
+
+_replayed: List[Iterator[torch.Tensor]] = []  # the active replay_points sequences, innermost last
+
+
+def uniform_points(num_masks: int, num_points: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``[M, P, 2]`` uniform random (x, y) in [0, 1): ``torch.rand``, or inside
+    :func:`replay_points` the sequence's next tensor (it must hold ``M * P * 2`` values)."""
+    if not _replayed:
+        return torch.rand(num_masks, num_points, 2, device=device, dtype=dtype, generator=generator)
+    value = next(_replayed[-1], None)
+    if value is None:
+        raise RuntimeError(f"replay_points: the sequence ran out (a draw of {num_masks} x {num_points} points asked)")
+    if value.numel() != num_masks * num_points * 2:
+        raise ValueError(f"replay_points: the next draw has shape {tuple(value.shape)}, but {num_masks} x "
+                         f"{num_points} points (x, y) are asked: the sequences are out of step")
+    return value.reshape(num_masks, num_points, 2).to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def replay_points(draws: Iterable[torch.Tensor]) -> Iterator[Iterator[torch.Tensor]]:
+    """Inside the block, each :func:`uniform_points` draw is the next tensor of ``draws`` (in
+    call order) instead of a random one. Yields the iterator: ``next(it, None) is None``
+    afterwards tells that every draw was used."""
+    it = iter(draws)
+    _replayed.append(it)
+    try:
+        yield it
+    finally:
+        _replayed.pop()
 
 
 def point_sample(features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -69,12 +106,12 @@ def importance_sample_points(
         chosen = []
         if num_uncertain > 0:
             num_candidates = max(int(num_points * oversample_ratio), num_uncertain)
-            candidates = torch.rand(num_masks, num_candidates, 2, device=device, dtype=dtype, generator=generator)
+            candidates = uniform_points(num_masks, num_candidates, device, dtype, generator)
             uncertainty = uncertainty_fn(point_sample(coarse_logits.detach(), candidates))[:, 0]  # [M, kN]
             top = uncertainty.topk(num_uncertain, dim=1).indices
             chosen.append(candidates.gather(1, top[..., None].expand(-1, -1, 2)))
         if num_random > 0:
-            chosen.append(torch.rand(num_masks, num_random, 2, device=device, dtype=dtype, generator=generator))
+            chosen.append(uniform_points(num_masks, num_random, device, dtype, generator))
         return torch.cat(chosen, dim=1)
 
 

@@ -4,9 +4,14 @@
 backbone -> pixel decoder (``MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``) -> transformer decoder
 (``MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``) -> the shared ``SetCriterion`` (softmax class
 loss with no-object weight, point-sampled mask BCE + dice, Hungarian matching with the same
-point-sampled costs) in training, or the shared instance post-processing at inference: top-k
-(query, class) pairs, score = p_class x mean mask probability inside the mask, boxes from
-the masks, masks resized to the requested output size.
+point-sampled costs) in training, or the shared instance post-processing at inference, as the
+official Mask2Former / FastInst ``instance_inference``: the top-k (query, class) pairs by
+p_class (all k kept, empty masks too), mask logits resized to the requested output size
+(through the padded input size, the padding cropped), masks = sigmoid > threshold, score =
+p_class x mean mask probability inside the mask; plus boxes from the masks (ours: the official
+code returns zero boxes). ``MODEL.MASK_FORMER.TEST.POSTPROCESS_AT_INPUT_SIZE`` (ours, off):
+scores and masks at the input size, probabilities resized afterwards, detections with an empty
+mask dropped.
 """
 from typing import Dict, List, Optional
 
@@ -20,8 +25,8 @@ from torch import nn
 from maskfrozen.modeling.inputs import normalized_image_batch
 from maskfrozen.modeling.criterion import HungarianMatcher, QuerySet, SetCriterion
 from maskfrozen.modeling.gt_masks import padded_gt_masks
-from maskfrozen.modeling.postprocess import (boxes_from_masks, instances_to_output_size, mask_prob_score,
-                                             top_query_class_pairs)
+from maskfrozen.modeling.postprocess import (boxes_from_masks, instances_to_output_size,
+                                             mask_logits_at_output_size, mask_prob_score, top_query_class_pairs)
 from maskfrozen.modeling.registries import PIXEL_DECODER_REGISTRY, TRANSFORMER_DECODER_REGISTRY, build_from_registry
 
 from .interface import DecoderOutput, TrainingInputs, TransformerDecoderBase
@@ -69,7 +74,8 @@ class QuerySegmentor(nn.Module):
     def __init__(self, *, backbone: nn.Module, pixel_decoder: nn.Module, transformer_decoder: TransformerDecoderBase,
                  criterion: SetCriterion, pixel_mean: List[float], pixel_std: List[float],
                  size_divisibility: int = 32, deep_supervision: bool = True, test_topk: int = 100,
-                 mask_threshold: float = 0.5):
+                 mask_threshold: float = 0.5, postprocess_at_input_size: bool = False,
+                 box_min_component_share: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
@@ -79,6 +85,8 @@ class QuerySegmentor(nn.Module):
         self.deep_supervision = deep_supervision
         self.test_topk = test_topk
         self.mask_threshold = mask_threshold
+        self.postprocess_at_input_size = postprocess_at_input_size
+        self.box_min_component_share = box_min_component_share
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -97,6 +105,8 @@ class QuerySegmentor(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": m.SIZE_DIVISIBILITY, "deep_supervision": m.DEEP_SUPERVISION,
             "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE, "mask_threshold": m.TEST.MASK_THRESHOLD,
+            "postprocess_at_input_size": m.TEST.POSTPROCESS_AT_INPUT_SIZE,
+            "box_min_component_share": m.TEST.BOX_MIN_COMPONENT_SHARE,
         }
 
     @property
@@ -137,21 +147,45 @@ class QuerySegmentor(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """Top-k (query, class) pairs by p_class; score x mean mask probability; boxes from
-        masks. A query picked with several classes has its mask upsampled once."""
-        padded = images.tensor.shape[-2:]
+        """Per image: top-k (query, class) pairs by p_class, then :meth:`instances_at_output_size`
+        (official) or :meth:`instances_at_input_size` (ours, POSTPROCESS_AT_INPUT_SIZE). A query
+        picked with several classes has its mask resized once."""
+        padded = tuple(images.tensor.shape[-2:])
         results = []
-        for logits, mask_logits, x, (h, w) in zip(outputs["pred_logits"], outputs["pred_masks"], batched_inputs,
-                                                  images.image_sizes):
+        for logits, mask_logits, x, image_size in zip(outputs["pred_logits"], outputs["pred_masks"], batched_inputs,
+                                                      images.image_sizes):
             query, label, score = top_query_class_pairs(logits.softmax(-1)[:, :-1], self.test_topk)
             unique, pair_to_unique = torch.unique(query, return_inverse=True)
-            probs = F.interpolate(mask_logits[unique][None], size=padded, mode="bilinear", align_corners=False)
-            probs = probs[0, :, :h, :w].sigmoid()
-            inst = Instances((h, w))
-            inst.scores = score * mask_prob_score(probs, self.mask_threshold)[pair_to_unique]
-            inst.pred_classes = label
-            inst.pred_boxes = Boxes(boxes_from_masks(probs > self.mask_threshold).tensor[pair_to_unique])
-            inst.pred_mask_index = pair_to_unique
-            out_h, out_w = x.get("height", h), x.get("width", w)
-            results.append({"instances": instances_to_output_size(inst, out_h, out_w, self.mask_threshold, probs)})
+            output_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+            finish = self.instances_at_input_size if self.postprocess_at_input_size else self.instances_at_output_size
+            inst = finish(mask_logits[unique], pair_to_unique, label, score, padded, tuple(image_size), output_size)
+            results.append({"instances": inst})
         return results
+
+    def instances_at_output_size(self, mask_logits: torch.Tensor, pair_to_unique: torch.Tensor, labels: torch.Tensor,
+                                 scores: torch.Tensor, padded, image_size, output_size) -> Instances:
+        """The official post-processing: ``[U, h, w]`` mask logits of the picked queries resized
+        to the output size first, then thresholded and scored there; every pair kept."""
+        probs = mask_logits_at_output_size(mask_logits, padded, image_size, output_size).sigmoid()
+        masks = probs > self.mask_threshold
+        inst = Instances(output_size)
+        inst.scores = scores * mask_prob_score(probs, self.mask_threshold)[pair_to_unique]
+        inst.pred_classes = labels
+        inst.pred_masks = masks[pair_to_unique]
+        inst.pred_boxes = Boxes(boxes_from_masks(masks, self.box_min_component_share).tensor[pair_to_unique])
+        return inst
+
+    def instances_at_input_size(self, mask_logits: torch.Tensor, pair_to_unique: torch.Tensor, labels: torch.Tensor,
+                                scores: torch.Tensor, padded, image_size, output_size) -> Instances:
+        """Ours (POSTPROCESS_AT_INPUT_SIZE): scores, thresholds and boxes at the input size, the
+        probabilities resized to the output size afterwards; empty masks dropped."""
+        h, w = image_size
+        probs = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=False)
+        probs = probs[0, :, :h, :w].sigmoid()
+        inst = Instances((h, w))
+        inst.scores = scores * mask_prob_score(probs, self.mask_threshold)[pair_to_unique]
+        inst.pred_classes = labels
+        boxes = boxes_from_masks(probs > self.mask_threshold, self.box_min_component_share)
+        inst.pred_boxes = Boxes(boxes.tensor[pair_to_unique])
+        inst.pred_mask_index = pair_to_unique
+        return instances_to_output_size(inst, *output_size, self.mask_threshold, probs)

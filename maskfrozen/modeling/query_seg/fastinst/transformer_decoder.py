@@ -11,10 +11,10 @@ learnable ``s x s`` embedding (s = round(sqrt(N))) resized to each map. Layer l:
 Prediction j (j = 0..L, on (Q_j, X_j)): ``e = LN_j(Q)``, class ``MLP_j(e) -> K+1``, masks
 ``MLPmask_j(e) . Linear_j(X)`` at 1/8; M_j = [sigmoid(mask) < 0.5]. At inference only the
 last class head runs. GT-mask-guided learning (training only): with the last layer's
-Hungarian assignment, each layer l is run again on its original input (Q_{l-1}, X_{l-1}) with
-the matched GT masks as attention masks; its predictions form the ``_gt`` query set,
-supervised with that fixed assignment. (The official code feeds layer l its own output
-(Q_l, X_l) again; we follow the paper, which re-runs each layer on its original input.)
+Hungarian assignment, each layer l is run again with the matched GT masks as attention masks,
+on its own output (Q_l, X_l) as the official code does (``GT_GUIDED_ON_LAYER_INPUT``, ours,
+off: on its input (Q_{l-1}, X_{l-1}), as the paper describes it); its predictions form the
+``_gt`` query set, supervised with that fixed assignment.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -85,7 +85,8 @@ class FastInstDecoder(TransformerDecoderBase):
     def __init__(self, spec: PixelDecoderSpec, *, num_classes: int, hidden_dim: int, num_queries: int,
                  num_aux_queries: int, nheads: int, dim_feedforward: int, dec_layers: int, pre_norm: bool = False,
                  dropout: float = 0.0, class_weight: float = 2.0, location_weight: float = 1000.0,
-                 proposal_weight: float = 20.0, gt_guided: bool = True, attn_mask_dilation: int = 0):
+                 proposal_weight: float = 20.0, gt_guided: bool = True, attn_mask_dilation: int = 0,
+                 cell_centre_locations: bool = False, gt_guided_on_layer_input: bool = False):
         super().__init__()
         if spec.feature_channels != hidden_dim or len(spec.feature_strides) != 3:
             raise ValueError(f"FastInstDecoder: the pixel decoder must give 3 levels of HIDDEN_DIM={hidden_dim} "
@@ -94,13 +95,14 @@ class FastInstDecoder(TransformerDecoderBase):
         self.num_queries, self.num_aux_queries, self.num_heads = num_queries, num_aux_queries, nheads
         self.location_weight, self.proposal_weight, self.gt_guided = location_weight, proposal_weight, gt_guided
         self.attn_mask_dilation = attn_mask_dilation
+        self.gt_guided_on_layer_input = gt_guided_on_layer_input
         pos_size = int(round(num_queries ** 0.5))
         # official: torch.empty, never initialised; and our optimizer groups give it no weight decay
         # (a name with "embed"), where the official one decays it
         self.meta_pos_embed = nn.Parameter(torch.empty(hidden_dim, pos_size, pos_size).normal_(std=0.02))
         self.aux_query_feat = nn.Embedding(num_aux_queries, hidden_dim) if num_aux_queries else None
         self.aux_query_pos = nn.Embedding(num_aux_queries, hidden_dim) if num_aux_queries else None
-        self.query_proposal = InstanceActivationQueries(hidden_dim, num_queries, num_classes)
+        self.query_proposal = InstanceActivationQueries(hidden_dim, num_queries, num_classes, cell_centre_locations)
         self.layers = nn.ModuleList(DualPathLayer(hidden_dim, nheads, dim_feedforward, dropout, pre_norm)
                                     for _ in range(dec_layers))
         self.heads = nn.ModuleList(_PredictionHead(hidden_dim, spec.mask_dim, num_classes)
@@ -125,6 +127,7 @@ class FastInstDecoder(TransformerDecoderBase):
             "dropout": f.DROPOUT, "class_weight": cfg.MODEL.MASK_FORMER.CLASS_WEIGHT,
             "location_weight": f.LOCATION_WEIGHT, "proposal_weight": f.PROPOSAL_WEIGHT, "gt_guided": f.GT_GUIDED,
             "attn_mask_dilation": cfg.MODEL.MASK_FORMER.ATTN_MASK_DILATION,
+            "cell_centre_locations": f.LOCATIONS_AT_CELL_CENTRES, "gt_guided_on_layer_input": f.GT_GUIDED_ON_LAYER_INPUT,
         }
 
     def extra_matcher_costs(self) -> Dict[str, Tuple[float, CostFn]]:
@@ -175,11 +178,13 @@ class FastInstDecoder(TransformerDecoderBase):
 
     def gt_guided_set(self, states: List[State], query_pos: torch.Tensor, pixel_pos: torch.Tensor,
                       size: Tuple[int, int], last: Dict[str, torch.Tensor], training: TrainingInputs) -> QuerySet:
-        """Each layer re-run on its input with the last layer's matched GT masks as attention
-        masks; a fixed-assignment query set (suffix ``_gt``)."""
+        """Each layer i re-run on its output ``states[i + 1]`` (official; on its input ``states[i]``
+        with GT_GUIDED_ON_LAYER_INPUT) with the last layer's matched GT masks as attention masks;
+        a fixed-assignment query set (suffix ``_gt``)."""
         indices = training.matcher(last, training.targets)
         attn_mask = attention_mask_from_gt(indices, training.targets, self.num_queries, size, self.num_heads,
                                            self.num_aux_queries)
-        guided = [self.predict(i + 1, layer(states[i], query_pos, pixel_pos, attn_mask), size, with_class=True)
-                  for i, layer in enumerate(self.layers)]
+        offset = 0 if self.gt_guided_on_layer_input else 1
+        guided = [self.predict(i + 1, layer(states[i + offset], query_pos, pixel_pos, attn_mask), size,
+                               with_class=True) for i, layer in enumerate(self.layers)]
         return QuerySet({**guided[-1], "aux_outputs": guided[:-1]}, suffix="_gt", indices=indices)
