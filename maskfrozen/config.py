@@ -195,7 +195,7 @@ def add_mask2former_config(cfg: CN) -> None:
     m.HIDDEN_DIM = 256
     m.NUM_OBJECT_QUERIES = 100
     m.NHEADS = 8
-    m.DROPOUT = 0.0
+    m.DROPOUT = 0.0  # the pixel decoder's encoder only (official: the transformer decoder has none)
     m.DIM_FEEDFORWARD = 2048
     m.PRE_NORM = False
     m.ENFORCE_INPUT_PROJ = False
@@ -243,7 +243,7 @@ def add_fastinst_config(cfg: CN) -> None:
     f.NUM_OBJECT_QUERIES = 100
     f.NUM_AUX_QUERIES = 8
     f.NHEADS = 8
-    f.DROPOUT = 0.0
+    f.DROPOUT = 0.0  # unused, as in the official code (its decoder layers have no dropout)
     f.DIM_FEEDFORWARD = 1024
     f.DEC_LAYERS = 1  # D1; D3 = 3 (official meaning: decoder layers, no +1)
     f.PRE_NORM = False

@@ -120,5 +120,6 @@ def convert_fastinst_state_dict(
 
 register_format(CheckpointFormat(
     "fastinst", load_mask2former_checkpoint, lambda source, target, cfg: convert_fastinst_state_dict(source, target),
+    # the IA-guided query proposal and the PPM-FPN pixel decoder
     signature=(r"^sem_seg_head\.predictor\.query_proposal\.", r"^sem_seg_head\.pixel_decoder\.ppm\."),
     description="junjiehe96/FastInst"))

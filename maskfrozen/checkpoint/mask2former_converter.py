@@ -107,5 +107,8 @@ def load_mask2former_checkpoint(path: str, allow_pickle: bool = False) -> Dict[s
 
 register_format(CheckpointFormat(
     "mask2former", load_mask2former_checkpoint, lambda source, target, cfg: convert_mask2former_state_dict(source, target),
-    signature=(r"^sem_seg_head\.predictor\.transformer_cross_attention_layers\.", r"^sem_seg_head\.pixel_decoder\."),
+    # the masked-attention decoder and the MSDeformAttn pixel decoder (FastInst's decoder has
+    # transformer_query_cross_attention_layers and a PPM-FPN pixel decoder instead)
+    signature=(r"^sem_seg_head\.predictor\.transformer_cross_attention_layers\.",
+               r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\."),
     description="facebookresearch/Mask2Former"))

@@ -11,12 +11,15 @@ input). Training, the point sampling replaying the official run's uniform draws:
 matcher's and every layer's Hungarian indices, the query locations, every layer's class and mask
 logits (normal and GT-mask-guided), and all 3 x 2L + 4 loss terms, in float32.
 """
+import os
+
 import pytest
 import torch
 
-from golden_compare import assert_trees_close, case
+from golden_compare import REPO, assert_trees_close, case, convert_official
 from query_seg_helpers import (RecordingMatcher, assert_instances_equal, converted_model, decoder_layers,
                                detectron2_inputs, inference_stages)
+from maskfrozen.checkpoint.formats import matching_formats
 from maskfrozen.modeling.criterion.point_sampling import replay_points
 
 ATOL = 1e-4
@@ -47,12 +50,26 @@ def _proposals(p, with_locations: bool):
 
 
 def test_every_official_tensor_is_mapped_or_dropped_on_purpose(golden):
+    """All tensors converted (the criterion's class weights, held twice, dropped by table rows),
+    and the key signatures tell the checkpoint from every other registered format."""
     _, report, c, _ = golden
     checkpoint = torch.load(c["checkpoint"], weights_only=True)["model"]
+    assert matching_formats(list(checkpoint)) == ["fastinst"]
     assert report.num_source_tensors == len(checkpoint)
     assert sorted(report.dropped_aliases) == ["criterion.empty_weight", "sem_seg_head.predictor.criterion.empty_weight"]
     assert len(report.renamed) == len(checkpoint) - 2
     assert not report.unused_source_keys and not report.unmatched_target_keys
+
+
+def test_a_mask2former_checkpoint_given_as_fastinst_is_refused_naming_its_format(tmp_path):
+    """The user's path: tools/convert_checkpoint.py --format fastinst on the official Mask2Former
+    checkpoint exits naming mask2former, and writes nothing."""
+    fastinst, mask2former = case("fastinst_d1"), case("mask2former")
+    out = tmp_path / "out.pth"
+    with pytest.raises(SystemExit, match="its keys are those of --format mask2former"):
+        convert_official("fastinst", os.path.join(REPO, fastinst["meta"]["maskfrozen_config"]),
+                         mask2former["checkpoint"], str(out), tuple(fastinst["meta"]["maskfrozen_overrides"]))
+    assert not out.exists()
 
 
 def test_inference_stages_equal_the_official(golden):

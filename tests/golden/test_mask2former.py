@@ -15,6 +15,7 @@ import torch
 from golden_compare import assert_trees_close, case
 from query_seg_helpers import (RecordingMatcher, assert_instances_equal, converted_model, detectron2_inputs,
                                inference_stages)
+from maskfrozen.checkpoint.formats import matching_formats
 from maskfrozen.modeling.criterion.point_sampling import replay_points
 
 ATOL = 1e-4
@@ -35,8 +36,11 @@ def ours(golden):
 
 
 def test_every_official_tensor_is_mapped_or_dropped_on_purpose(golden):
+    """All tensors converted (the criterion's class weights dropped by a table row), and the
+    key signatures tell the checkpoint from every other registered format."""
     _, report, c = golden
     checkpoint = torch.load(c["checkpoint"], weights_only=True)["model"]
+    assert matching_formats(list(checkpoint)) == ["mask2former"]
     assert report.num_source_tensors == len(checkpoint)
     assert report.dropped_aliases == ["criterion.empty_weight"]
     assert len(report.renamed) == len(checkpoint) - 1

@@ -124,7 +124,7 @@ class FastInstDecoder(TransformerDecoderBase):
             "spec": spec, "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "hidden_dim": f.HIDDEN_DIM,
             "num_queries": f.NUM_OBJECT_QUERIES, "num_aux_queries": f.NUM_AUX_QUERIES, "nheads": f.NHEADS,
             "dim_feedforward": f.DIM_FEEDFORWARD, "dec_layers": f.DEC_LAYERS, "pre_norm": f.PRE_NORM,
-            "dropout": f.DROPOUT, "class_weight": cfg.MODEL.MASK_FORMER.CLASS_WEIGHT,
+            "class_weight": cfg.MODEL.MASK_FORMER.CLASS_WEIGHT,  # no dropout (official: 0 fixed, DROPOUT unused)
             "location_weight": f.LOCATION_WEIGHT, "proposal_weight": f.PROPOSAL_WEIGHT, "gt_guided": f.GT_GUIDED,
             "attn_mask_dilation": cfg.MODEL.MASK_FORMER.ATTN_MASK_DILATION,
             "cell_centre_locations": f.LOCATIONS_AT_CELL_CENTRES, "gt_guided_on_layer_input": f.GT_GUIDED_ON_LAYER_INPUT,

@@ -5,10 +5,12 @@ Per level l (coarsest first): ``x_l = GN(Conv1x1(C_l))``; ``E = Enc(x + sine pos
 (``TRANSFORMER_ENC_LAYERS`` layers of deformable self-attention + FFN); for each finer
 level (res2): ``y = ReLU(GN(Conv3x3(GN(Conv1x1(C_2)) + up(prev))))``; mask features
 ``F = Conv1x1(y)`` (D = ``MASK_DIM``). As in the official code, every position is valid
-(padding masks are all False): the padded pixels are part of the image. One difference: the
-official code takes the encoder's heads and dropout from ``MODEL.MASK_FORMER.NHEADS`` /
-``DROPOUT`` and ignores ``SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS``; we read the
-latter (same default, 8) and the FFN width from ``..._DIM_FEEDFORWARD`` (official: 1024 fixed).
+(padding masks are all False): the padded pixels are part of the image. The encoder's dropout
+is ``MODEL.MASK_FORMER.DROPOUT`` as in the official code. Keys of ours: the official code takes
+the encoder's heads from ``MODEL.MASK_FORMER.NHEADS`` and ignores
+``SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS`` and ``..._N_POINTS`` (4 fixed); we read
+them (same defaults, 8 and 4), and the FFN width from ``..._DIM_FEEDFORWARD`` (official: 1024
+fixed, our default).
 """
 from typing import Dict, List
 
@@ -82,6 +84,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "num_encoder_layers": h.TRANSFORMER_ENC_LAYERS, "nheads": h.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS,
             "n_points": h.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "dim_feedforward": h.DEFORMABLE_TRANSFORMER_ENCODER_DIM_FEEDFORWARD, "common_stride": h.COMMON_STRIDE,
+            "dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
         }
 
     def output_spec(self) -> PixelDecoderSpec:

@@ -91,7 +91,7 @@ class MultiScaleMaskedTransformerDecoder(TransformerDecoderBase):
             "spec": spec, "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "hidden_dim": m.HIDDEN_DIM,
             "num_queries": m.NUM_OBJECT_QUERIES, "nheads": m.NHEADS, "dim_feedforward": m.DIM_FEEDFORWARD,
             "dec_layers": m.DEC_LAYERS - 1,  # official: one of DEC_LAYERS is the prediction on X_0
-            "pre_norm": m.PRE_NORM, "dropout": m.DROPOUT, "enforce_input_project": m.ENFORCE_INPUT_PROJ,
+            "pre_norm": m.PRE_NORM, "enforce_input_project": m.ENFORCE_INPUT_PROJ,  # no dropout (official: 0 fixed)
             "attn_mask_dilation": m.ATTN_MASK_DILATION,
         }
 
