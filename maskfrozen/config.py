@@ -263,8 +263,10 @@ def add_fastinst_config(cfg: CN) -> None:
 
 
 def add_sotr_config(cfg: CN) -> None:
-    """SOTR (``SOTR`` meta-arch). Defaults = configs/coco/sotr/sotr_R50.yaml (the paper's
-    design with the public code's sizes); SOLOv2/AdelaiDet key names where they exist."""
+    """SOTR (``SOTR`` meta-arch). Defaults = configs/coco/sotr/sotr_R50.yaml = the official code
+    (easton-cau/SOTR: its network, targets, losses and post-processing); our deliberate
+    differences are named options, off by default (docs/fidelity/sotr.md). SOLOv2/AdelaiDet key
+    names where they exist."""
     cfg.MODEL.SOTR = CN()
     s = cfg.MODEL.SOTR
     s.NUM_CLASSES = 80
@@ -273,15 +275,18 @@ def add_sotr_config(cfg: CN) -> None:
     s.FPN_SCALE_RANGES = [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]]  # sqrt(box area), px
     s.SIGMA = 0.2  # centre region: sigma x half box, at most the 3x3 cells around the centre
     s.NUM_GRIDS = [40, 36, 24, 16, 12]
-    # twin transformer (shared by all levels); the public code hard-codes 256 / 12 / 8
+    # twin transformer (shared by all levels); the official code hard-codes 256 / 12 / 8
     s.DIM = 256  # must equal MODEL.FPN.OUT_CHANNELS
     s.DEPTH = 12  # SOTR-RT: 2
     s.NUM_HEADS = 8
-    s.TWIN_MODE = "sequential"  # "sequential": column then row (paper) | "parallel": x + col(x) + row(x) (public code)
-    s.POS_EMBED = True  # learned per-axis position embedding (paper); the public code has none
-    s.LAYER = "hybrid"  # "hybrid": + two 3x3 convs with LeakyReLU (paper's choice) | "pure": + MLP FFN
-    s.PRE_NORM = True  # LayerNorm before each attention (paper Fig. 3); the public code has no norm
-    s.GATE = True  # ReZero scalar gate (init 0) on every branch update (public code)
+    s.TWIN_MODE = "parallel"  # official: x + col(x) + row(x) | "sequential": column then row attention (paper)
+    s.WIDTH_DOUBLING = True  # official: the grid concatenated with itself along the width, halves averaged after
+    s.CONV_BRANCHES = 2  # official: x + f1(x) + f2(x) after the attention | 1: one conv branch (paper)
+    s.TWIN_NORM = "none"  # official: no LayerNorm | "pre" / "post": a LayerNorm per branch (paper)
+    s.POS_EMBED = False  # official: none | True: learned per-axis position embedding (paper)
+    s.QKV_BIAS = False  # official: to_q / to_kv without bias
+    s.LAYER = "hybrid"  # "hybrid": 3x3 conv branches with LeakyReLU | "pure": MLP FFN (needs TWIN_NORM pre/post)
+    s.GATE = True  # ReZero scalar gate (init 0) on every branch update (official)
     s.DROPOUT = 0.0
     s.NUM_KERNELS = 256  # D: kernel parameters per cell = mask-feature channels (1x1 dynamic conv)
     s.PRIOR_PROB = 0.01
@@ -289,6 +294,12 @@ def add_sotr_config(cfg: CN) -> None:
     s.MASK_CHANNELS = 128
     s.GN_GROUPS = 32
     s.SIZE_DIVISIBILITY = 32
+    # training targets and losses
+    s.TARGET_CENTRES = "pixel_index"  # official: centre of mass in pixel indices | "pixel_centre": + 0.5
+    s.GT_MASK_RESIZE = "unpadded"  # official: OpenCV resize of the unpadded mask to round(size / 4), pasted
+    # top-left | "padded": pad, then bilinear to exactly 1/4 (>= 0.5)
+    # official "squared": 1 - 2 sum(pt) / (sum p^2 + sum t^2 + 0.002) | "smoothed": 1 - (2 sum(pt) + 1) / (sum p + sum t + 1)
+    s.DICE = "squared"
     s.FOCAL_ALPHA = 0.25
     s.FOCAL_GAMMA = 2.0
     s.FOCAL_WEIGHT = 1.0
@@ -300,6 +311,12 @@ def add_sotr_config(cfg: CN) -> None:
     s.TEST.MASK_THR = 0.5
     s.TEST.NMS_KERNEL = "gaussian"  # "gaussian" | "linear" (Matrix NMS)
     s.TEST.NMS_SIGMA = 2.0
+    # official: masks upsampled by ceil(h / f_h) (= 4 unless an image is <= 3/4 of its batch's padded
+    # height) before the crop to the image | True: by exactly the mask stride 4
+    s.TEST.EXACT_UPSAMPLE = False
+    # boxes from the output masks (the official code has none): 0 = tight around the whole mask; > 0: stray
+    # fragments below this share of the mask ignored (postprocess.boxes_from_masks, shared with Mask2Former)
+    s.TEST.BOX_MIN_COMPONENT_SHARE = 0.0
 
 
 def add_co_detr_config(cfg: CN) -> None:

@@ -4,5 +4,5 @@ from .backbone import build_resnet_any_width_fpn_backbone  # noqa: F401
 from .head import MaskBranch, SOTRHead, dynamic_conv  # noqa: F401
 from .inference import matrix_nms, point_nms  # noqa: F401
 from .meta_arch import SOTR  # noqa: F401
-from .targets import SOTRLoss, solo_level_targets  # noqa: F401
-from .twin_attention import TwinAttention, TwinTransformer  # noqa: F401
+from .targets import SOTRLoss, gt_mask_targets, solo_level_targets  # noqa: F401
+from .twin_attention import AxialAttention, TwinTransformer, TwinTransformerLayer  # noqa: F401

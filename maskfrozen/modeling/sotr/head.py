@@ -66,9 +66,9 @@ def _conv_gn_relu(in_channels: int, out_channels: int, kernel_size: int, gn_grou
 
 class MaskBranch(nn.Module):
     """Multi-level upsampling (Sec. 3.3): level ``i`` (P2, P3, P4, transformer-refined P5)
-    goes through ``max(i, 1)`` conv3x3+GN+ReLU blocks, each after the first level followed by
-    a 2x bilinear upsample, to 1/4 scale; the maps are summed and a 1x1 conv+GN+ReLU gives the
-    ``D``-channel mask feature ``F``."""
+    goes through ``max(i, 1)`` blocks of conv3x3+GN+ReLU, each followed by a 2x bilinear
+    upsample after the first level, to 1/4 scale; the maps are summed and a 1x1 conv+GN+ReLU
+    gives the ``D``-channel mask feature ``F``. Convolutions initialised N(0, 0.01) (official)."""
 
     def __init__(self, num_levels: int, in_channels: int, mask_channels: int, out_channels: int,
                  gn_groups: int = 32):
@@ -77,11 +77,15 @@ class MaskBranch(nn.Module):
         for i in range(num_levels):
             blocks: List[nn.Module] = []
             for j in range(max(i, 1)):
-                blocks += _conv_gn_relu(in_channels if j == 0 else mask_channels, mask_channels, 3, gn_groups)
+                block = _conv_gn_relu(in_channels if j == 0 else mask_channels, mask_channels, 3, gn_groups)
                 if i > 0:
-                    blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                    block.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                blocks.append(nn.Sequential(*block))
             self.levels.append(nn.Sequential(*blocks))
         self.out = nn.Sequential(*_conv_gn_relu(mask_channels, out_channels, 1, gn_groups))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         """``features`` from fine (1/4) to coarse -> ``F [B, D, H/4, W/4]``."""

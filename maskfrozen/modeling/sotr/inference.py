@@ -40,9 +40,9 @@ def matrix_nms(masks: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, 
     same = (labels[:, None] == labels[None, :]).float().triu(diagonal=1)
     decay_iou = iou * same
     compensate = decay_iou.max(0).values[:, None].expand(n, n)  # row i: max IoU of i with a better mask
-    if kernel == "gaussian":
-        decay = torch.exp(-sigma * (decay_iou ** 2 - compensate ** 2))
-    elif kernel == "linear":
+    if kernel == "gaussian":  # as the official code: two exponentials, not exp(-sigma (d^2 - c^2))
+        decay = torch.exp(-sigma * decay_iou ** 2) / torch.exp(-sigma * compensate ** 2)
+    elif kernel == "linear":  # clamped: the official divides by 0 when a mask duplicates a better one
         decay = (1 - decay_iou) / (1 - compensate).clamp(min=1e-6)
     else:
         raise ValueError(f"MODEL.SOTR.NMS_KERNEL must be 'gaussian' or 'linear', got {kernel!r}")
@@ -60,6 +60,8 @@ class SOTRInferenceConfig:
     max_per_image: int = 100
     nms_kernel: str = "gaussian"
     nms_sigma: float = 2.0
+    exact_upsample: bool = False  # official: masks upsampled by ceil(h / f_h), not the mask stride
+    box_min_component_share: float = 0.0  # boxes from masks: 0 = tight (postprocess.boxes_from_masks)
 
 
 @dataclass

@@ -7,10 +7,13 @@ kernels ``[N, N, D]`` per level. The mask branch sums conv+GN+ReLU(+upsample) ma
 P2-P4 and of the transformer-refined full-resolution P5 at 1/4 scale -> mask feature ``F``
 (``D`` channels); a cell's mask is its kernel convolved with ``F`` (:func:`dynamic_conv`).
 Training: SOLO targets, focal + dice (:class:`SOTRLoss`). Inference: point NMS, score and
-area thresholds, maskness, Matrix NMS, top ``TEST.DETECTIONS_PER_IMAGE``, masks at the input
-size and boxes computed from them (the public code leaves ``pred_boxes`` zero).
+area thresholds, maskness, Matrix NMS, top ``TEST.DETECTIONS_PER_IMAGE``; the mask
+probabilities upsampled (official ratio ``ceil(h / f_h)``), cropped to the image, resized to the
+output size and thresholded; boxes from the masks (ours: the official code leaves ``pred_boxes``
+zero, COCOEvaluator's bbox AP needs them). Defaults = the official code (docs/fidelity/sotr.md).
 """
-from typing import Dict, List, Sequence
+import math
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ from torch import nn
 
 from maskfrozen.modeling.inputs import normalized_image_batch
 from maskfrozen.modeling.gt_masks import padded_gt_masks
-from maskfrozen.modeling.postprocess import boxes_from_masks, instances_to_output_size
+from maskfrozen.modeling.postprocess import boxes_from_masks
 
 from .head import MaskBranch, SOTRHead, level_features
 from .inference import SOTRInferenceConfig, flatten_levels, point_nms, select_instances
@@ -34,6 +37,9 @@ __all__ = ["SOTR", "build_sotr_parts"]
 def _check_config(cfg: CfgNode, shapes: Dict) -> None:
     s = cfg.MODEL.SOTR
     n = len(s.INSTANCE_IN_FEATURES)
+    if len(s.NUM_GRIDS) != n or not all(isinstance(g, int) and g > 0 for g in s.NUM_GRIDS):
+        raise ValueError(f"MODEL.SOTR.NUM_GRIDS={list(s.NUM_GRIDS)} must hold one positive integer grid size per level "
+                         f"of MODEL.SOTR.INSTANCE_IN_FEATURES ({n} levels: {list(s.INSTANCE_IN_FEATURES)})")
     if not (len(s.FPN_INSTANCE_STRIDES) == len(s.NUM_GRIDS) == len(s.FPN_SCALE_RANGES) == n):
         raise ValueError(f"MODEL.SOTR: INSTANCE_IN_FEATURES ({n}), FPN_INSTANCE_STRIDES ({len(s.FPN_INSTANCE_STRIDES)}), "
                          f"NUM_GRIDS ({len(s.NUM_GRIDS)}) and FPN_SCALE_RANGES ({len(s.FPN_SCALE_RANGES)}) need one entry per level")
@@ -51,14 +57,14 @@ def build_sotr_parts(cfg: CfgNode, backbone: Backbone) -> Dict:
     s = cfg.MODEL.SOTR
     _check_config(cfg, backbone.output_shape())
     transformer = TwinTransformer(s.DIM, s.DEPTH, s.NUM_HEADS, s.TWIN_MODE, s.LAYER, s.POS_EMBED, max(s.NUM_GRIDS),
-                                  s.PRE_NORM, s.GATE, s.DROPOUT)
+                                  s.TWIN_NORM, s.GATE, s.DROPOUT, s.WIDTH_DOUBLING, s.CONV_BRANCHES, s.QKV_BIAS)
     head = SOTRHead(transformer, s.DIM, s.NUM_CLASSES, s.NUM_KERNELS, s.NUM_GRIDS, s.PRIOR_PROB)
     mask_branch = MaskBranch(len(s.MASK_IN_FEATURES), s.DIM, s.MASK_CHANNELS, s.NUM_KERNELS, s.GN_GROUPS)
     loss = SOTRLoss(s.NUM_CLASSES, s.NUM_GRIDS, [tuple(r) for r in s.FPN_SCALE_RANGES], s.SIGMA, s.FOCAL_ALPHA,
-                    s.FOCAL_GAMMA, s.FOCAL_WEIGHT, s.DICE_WEIGHT)
+                    s.FOCAL_GAMMA, s.FOCAL_WEIGHT, s.DICE_WEIGHT, s.TARGET_CENTRES, s.GT_MASK_RESIZE, s.DICE)
     t = s.TEST
     inference = SOTRInferenceConfig(t.SCORE_THR, t.MASK_THR, t.NMS_PRE, t.UPDATE_THR, cfg.TEST.DETECTIONS_PER_IMAGE,
-                                    t.NMS_KERNEL, t.NMS_SIGMA)
+                                    t.NMS_KERNEL, t.NMS_SIGMA, t.EXACT_UPSAMPLE, t.BOX_MIN_COMPONENT_SHARE)
     return {"head": head, "mask_branch": mask_branch, "loss": loss, "inference_cfg": inference}
 
 
@@ -115,11 +121,10 @@ class SOTR(nn.Module):
         return logits, kernels, self.mask_branch(mask_inputs)
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, torch.Tensor]]:
-        """Boxes (XYXY input pixels), labels and bool masks over the padded image."""
-        padded = tuple(images.tensor.shape[-2:])
+        """Boxes (XYXY input pixels), labels and bool masks over each (unpadded) image."""
         targets = []
-        for x in batched_inputs:
-            masks = padded_gt_masks(x, padded, self.device, type(self).__name__)  # also checks the instances
+        for x, size in zip(batched_inputs, images.image_sizes):
+            masks = padded_gt_masks(x, tuple(size), self.device, type(self).__name__)  # also checks the instances
             inst = x["instances"].to(self.device)
             targets.append({"boxes": inst.gt_boxes.tensor, "labels": inst.gt_classes, "masks": masks})
         return targets
@@ -132,23 +137,29 @@ class SOTR(nn.Module):
     def inference(self, logits, kernels, mask_feature: torch.Tensor, batched_inputs: List[Dict],
                   images: ImageList) -> List[Dict]:
         scores = [point_nms(x.sigmoid().permute(0, 3, 1, 2)).permute(0, 2, 3, 1) for x in logits]
-        strides, padded = self.cell_strides(), images.tensor.shape[-2:]
+        strides = self.cell_strides()
+        mask_stride = images.tensor.shape[-2] // mask_feature.shape[-2]
         results = []
         for b, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
             sel = select_instances(flatten_levels(scores, b), flatten_levels(kernels, b), strides, mask_feature[b],
                                    self.inference_cfg)
-            probs = self.upsample_masks(sel.mask_probs, padded)[:, :h, :w]
-            inst = Instances((h, w), scores=sel.scores, pred_classes=sel.labels, pred_mask_probs=probs)
-            inst.pred_boxes = boxes_from_masks(probs > self.inference_cfg.mask_threshold)
-            out = instances_to_output_size(inst, x.get("height", h), x.get("width", w),
-                                           self.inference_cfg.mask_threshold)
-            out.pred_boxes = boxes_from_masks(out.pred_masks)  # tight boxes at the output size
-            results.append({"instances": out})
+            out_size = (x.get("height", h), x.get("width", w))
+            masks = self.masks_at_output_size(sel.mask_probs, (h, w), out_size, mask_stride)
+            inst = Instances(out_size, scores=sel.scores, pred_classes=sel.labels, pred_masks=masks)
+            inst.pred_boxes = boxes_from_masks(masks, self.inference_cfg.box_min_component_share)
+            results.append({"instances": inst})
         return results
 
-    @staticmethod
-    def upsample_masks(mask_probs: torch.Tensor, size) -> torch.Tensor:
-        """``[n, h, w]`` mask probabilities at 1/4 -> ``[n, H, W]`` over the padded image."""
+    def masks_at_output_size(self, mask_probs: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int],
+                             mask_stride: int) -> torch.Tensor:
+        """``[n, f_h, f_w]`` mask probabilities over the padded batch at 1/``mask_stride`` ->
+        ``[n, H_out, W_out]`` bool: upsampled by ``r`` (official ``ceil(h / f_h)``; with
+        ``TEST.EXACT_UPSAMPLE`` the mask stride), cropped to the image ``h x w``, resized to the
+        output size, thresholded."""
         if len(mask_probs) == 0:
-            return mask_probs.new_zeros((0, *size))
-        return F.interpolate(mask_probs[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+            return torch.zeros((0, *output_size), dtype=torch.bool, device=mask_probs.device)
+        (h, w), (f_h, f_w) = image_size, mask_probs.shape[-2:]
+        ratio = mask_stride if self.inference_cfg.exact_upsample else math.ceil(h / f_h)
+        probs = F.interpolate(mask_probs[None], size=(f_h * ratio, f_w * ratio), mode="bilinear", align_corners=False)
+        probs = F.interpolate(probs[:, :, :h, :w], size=tuple(output_size), mode="bilinear", align_corners=False)[0]
+        return probs > self.inference_cfg.mask_threshold
