@@ -1,4 +1,6 @@
 """Shared fixtures: tiny configs on the tiny shapes splits, a briefly trained model."""
+import contextlib
+import logging
 import os
 
 import pytest
@@ -15,6 +17,32 @@ def make_cfg(config_file: str, output_dir: str, *opts):
     from maskfrozen.config import load_config
 
     return load_config(config_file, ["OUTPUT_DIR", str(output_dir), *opts])
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, level: int):
+        super().__init__(level)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def captured_logs(name: str = "maskfrozen", level: int = logging.INFO):
+    """The messages logged at ``level`` or above to logger ``name`` or its children inside the
+    block, as a list filled as they come (independent of propagation and of pytest's caplog)."""
+    logger = logging.getLogger(name)
+    handler = _ListHandler(level)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def overfit_loss_history(model, batch, steps: int, lr: float):

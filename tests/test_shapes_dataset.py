@@ -1,7 +1,6 @@
 """The synthetic shapes dataset: determinism, annotation validity, registration, caching,
 COCOEvaluator compatibility and the handling of bad COCO json."""
 import json
-import logging
 import os
 
 import numpy as np
@@ -11,12 +10,14 @@ import torch
 from PIL import Image
 
 import maskfrozen  # noqa: F401  (registers the datasets)
+from conftest import captured_logs
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from maskfrozen.data import datasets as shapes_datasets
 from maskfrozen.data.datasets import (
     ensure_dataset_files,
     prepare_shapes,
     register_coco_instances_validated,
+    register_coco_json,
     register_shapes,
     validate_coco_json,
 )
@@ -230,6 +231,9 @@ def _ann(ann_id, image_id=1, bbox=(2, 2, 10, 10), segmentation=((2, 2, 12, 2, 12
         (_ann(7, segmentation=((1, 2, 3, 4),)), "annotation id 7 .*even number >= 6"),
         ({**_ann(7), "segmentation": {"size": [16, 16], "counts": "abc"}}, "annotation id 7 .*RLE size"),
         ({**_ann(7), "category_id": 3}, "annotation id 7 .*category_id 3"),
+        (_ann(7, bbox=(40, 2, 10, 10)), r"annotation id 7 \(image_id 1\): bbox \[40, 2, 10, 10\] lies entirely outside "
+                                        r"its image \(width 32, height 32\)"),
+        (_ann(7, image_id=2, bbox=(2, -20, 10, 10)), r"annotation id 7 \(image_id 2\): bbox .* entirely outside"),
     ],
 )
 def test_validate_coco_json_names_file_and_annotation(tmp_path, bad, message):
@@ -250,13 +254,33 @@ def test_shapes_json_is_valid(png_dataset):
     assert counts == {"images": 6, "annotations": len(coco["annotations"]), "images_without_annotations": 0}
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages = []
+def test_box_partly_outside_its_image_is_valid(tmp_path):
+    json_file = _write_coco(tmp_path / "edge.json", [_ann(1, bbox=(28, 28, 10, 10)), _ann(2, bbox=(-5, 0, 6, 4))])
+    assert validate_coco_json(json_file)["annotations"] == 2
 
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+
+def test_malformed_json_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "images": [],\n  "annotations": [,],\n  "categories": []\n}')
+    expected = r"broken\.json: not valid JSON: Expecting value at line 3, column 19"
+    with pytest.raises(ValueError, match=expected):
+        validate_coco_json(str(path))
+    with pytest.raises(ValueError, match=expected):  # registration reads the categories first
+        register_coco_json(_unique_name("user_broken"), str(path), str(tmp_path))
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"broken\.json: expected a JSON object .* got a list"):
+        validate_coco_json(str(path))
+
+
+def test_mask_models_need_segmentation_on_every_training_annotation(tmp_path):
+    no_mask = {k: v for k, v in _ann(7, image_id=2).items() if k != "segmentation"}
+    crowd = {**{k: v for k, v in _ann(8).items() if k != "segmentation"}, "iscrowd": 1}
+    json_file = _write_coco(tmp_path / "boxes.json", [_ann(1), no_mask, crowd])
+    assert validate_coco_json(json_file)["annotations"] == 3  # a box model trains on it
+    expected = (r"boxes\.json: 1 invalid annotation.*\n  annotation id 7 \(image_id 2\): no 'segmentation' key, "
+                r"but the model trains on masks \(MODEL\.MASK_ON True\)")
+    with pytest.raises(ValueError, match=expected):
+        validate_coco_json(json_file, require_masks=True)
 
 
 def test_image_without_annotation_is_filtered_with_logged_count(tmp_path):
@@ -266,16 +290,8 @@ def test_image_without_annotation_is_filtered_with_logged_count(tmp_path):
     assert validate_coco_json(json_file)["images_without_annotations"] == 2
     name = _unique_name("user_partly_empty")
     register_coco_instances_validated(name, {}, json_file, str(tmp_path))
-    handler = _ListHandler()
-    build_logger = logging.getLogger("detectron2.data.build")
-    build_logger.addHandler(handler)
-    old_level = build_logger.level
-    build_logger.setLevel(logging.INFO)
-    try:
+    with captured_logs("detectron2.data.build") as messages:
         kept = get_detection_dataset_dicts([name], filter_empty=True)
-    finally:
-        build_logger.removeHandler(handler)
-        build_logger.setLevel(old_level)
     assert [d["image_id"] for d in kept] == [1]
-    assert any("Removed 2 images with no usable annotations" in m for m in handler.messages)
+    assert any("Removed 2 images with no usable annotations" in m for m in messages)
     assert len(get_detection_dataset_dicts([name], filter_empty=False)) == 3

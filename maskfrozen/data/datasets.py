@@ -30,10 +30,13 @@ most a stale ``.tmp-*`` directory, safe to delete); concurrent processes (multi-
 each generate and the first rename wins.
 
 Your own COCO-format data: ``DATASETS.COCO_JSON`` entries ``[name, json_file, image_root]`` (or
-tools/train_net.py ``--dataset NAME=JSON:IMAGE_ROOT``) are registered by
-:func:`apply_dataset_config` through :func:`register_coco_instances_validated`, with
-``thing_classes`` from the json's categories; the same function fills or checks the model's
-class count (``NUM_CLASSES_KEYS``) from the training datasets before a model is built.
+``--dataset NAME=JSON:IMAGE_ROOT`` of tools/train_net.py and tools/demo.py,
+:func:`parse_dataset_flag`) are registered by :func:`apply_dataset_config` through
+:func:`register_coco_instances_validated`, with ``thing_classes`` from the json's categories;
+the same function checks that the train and test datasets share one class list and fills or
+checks the model's class count (``NUM_CLASSES_KEYS``) from the training datasets before a
+model is built. :func:`check_datasets_before_training` validates every json of a training run
+at start-up (the test sets too, which would otherwise be read only after training).
 
 Detectron2's builtin COCO names (``coco_2017_train``...) are untouched; see datasets/README.md.
 """
@@ -65,6 +68,7 @@ __all__ = [
     "register_shapes_from_name",
     "prepare_shapes",
     "ensure_dataset_files",
+    "read_coco_json",
     "validate_coco_json",
     "register_coco_instances_validated",
     "NUM_CLASSES_KEYS",
@@ -73,7 +77,12 @@ __all__ = [
     "register_coco_json_datasets",
     "dataset_num_classes",
     "resolve_num_classes",
+    "dataset_classes",
+    "check_class_lists",
     "apply_dataset_config",
+    "check_datasets_before_training",
+    "parse_dataset_flag",
+    "add_dataset_flags",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,6 +243,23 @@ def ensure_dataset_files(dataset_name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- validation
+def read_coco_json(json_file: str) -> dict:
+    """The json object of an annotation file. A file that is not valid JSON is a ValueError
+    naming the file and the parser's line and column; valid JSON that is not an object too."""
+    with open(json_file, "rb") as f:  # bytes: json detects UTF-8/16/32 itself
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} "
+                             f"(character {e.pos})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{json_file}: not a JSON text file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_file}: expected a JSON object with 'images', 'annotations' and 'categories', "
+                         f"got a {type(data).__name__}")
+    return data
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -255,9 +281,19 @@ def _segmentation_problem(segm, image: dict) -> Optional[str]:
     return None
 
 
-def _annotation_problem(ann: dict, images: Dict[int, dict], category_ids: set) -> Optional[str]:
+def _bbox_outside_image(bbox: list, image: dict) -> bool:
+    """Whether the ``[x, y, w, h]`` box has no pixel inside its image (unknown size: False)."""
+    width, height = image.get("width"), image.get("height")
+    if not (_is_number(width) and _is_number(height)):
+        return False
+    x, y, w, h = bbox
+    return x >= width or y >= height or x + w <= 0 or y + h <= 0
+
+
+def _annotation_problem(ann: dict, images: Dict[int, dict], category_ids: set, require_masks: bool) -> Optional[str]:
     if ann.get("image_id") not in images:
         return f"image_id {ann.get('image_id')!r} is not in 'images'"
+    image = images[ann["image_id"]]
     if ann.get("category_id") not in category_ids:
         return f"category_id {ann.get('category_id')!r} is not in 'categories'"
     bbox = ann.get("bbox")
@@ -265,39 +301,61 @@ def _annotation_problem(ann: dict, images: Dict[int, dict], category_ids: set) -
         return f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
     if bbox[2] <= 0 or bbox[3] <= 0:
         return f"degenerate bbox {bbox} (width and height must be > 0)"
+    if _bbox_outside_image(bbox, image):
+        return f"bbox {bbox} lies entirely outside its image (width {image['width']}, height {image['height']})"
     if "segmentation" in ann:
-        return _segmentation_problem(ann["segmentation"], images[ann["image_id"]])
+        return _segmentation_problem(ann["segmentation"], image)
+    if require_masks and not ann.get("iscrowd", 0):
+        return "no 'segmentation' key, but the model trains on masks (MODEL.MASK_ON True)"
     return None
 
 
-def validate_coco_json(json_file: str, max_reported: int = 5) -> dict:
+# validate_coco_json results by (path, mtime, size, require_masks): the start-up check and the
+# dataset loader read a json once
+_VALIDATED: Dict[tuple, dict] = {}
+
+
+def _file_key(json_file: str) -> tuple:
+    stat = os.stat(json_file)
+    return os.path.abspath(json_file), stat.st_mtime_ns, stat.st_size
+
+
+def validate_coco_json(json_file: str, max_reported: int = 5, require_masks: bool = False) -> dict:
     """Check a COCO instances json before training on it; return counts
     ``{"images", "annotations", "images_without_annotations"}``.
 
-    Raises ValueError naming the file and the offending annotation ids for: missing
-    top-level keys, duplicate image/annotation ids, unknown image/category ids, a bbox that is
-    not 4 finite numbers or has width/height <= 0, an empty polygon list or a polygon with
-    < 3 points, an RLE whose size differs from its image. (Unchecked, detectron2 silently
-    keeps degenerate boxes until the mapper drops them, drops < 3-point polygons with one
-    warning count, and keeps ``segmentation: []`` as an instance without a mask.)
-    Images without annotations are valid: detectron2 drops them from training
-    (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) and logs how many it removed.
+    Raises ValueError naming the file (and, for JSON syntax errors, the line and column) and
+    the offending annotation and image ids for: missing top-level keys, duplicate
+    image/annotation ids, unknown image/category ids, a bbox that is not 4 finite numbers, has
+    width/height <= 0 or lies entirely outside its image, an empty polygon list or a polygon
+    with < 3 points, an RLE whose size differs from its image, and, with ``require_masks`` (a
+    mask model's training data), a non-crowd annotation without ``segmentation``. (Unchecked,
+    detectron2 silently keeps degenerate and outside boxes until the mapper drops them, drops
+    < 3-point polygons with one warning count, and keeps ``segmentation: []`` as an instance
+    without a mask.) Images without annotations are valid: detectron2 drops them from training
+    (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) and logs how many it removed. A file validated
+    before and unchanged since is not read again.
     """
-    with open(json_file) as f:
-        coco = json.load(f)
+    key = _file_key(json_file)
+    for masks in (True,) if require_masks else (False, True):
+        if (key, masks) in _VALIDATED:
+            return dict(_VALIDATED[(key, masks)])
+    coco = read_coco_json(json_file)
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(coco.get(k), list)]
     if missing:
         raise ValueError(f"{json_file}: missing or non-list top-level keys {missing}")
-    images = {img.get("id"): img for img in coco["images"]}
+    images = {img.get("id"): img for img in coco["images"] if isinstance(img, dict)}
     if len(images) != len(coco["images"]):
-        raise ValueError(f"{json_file}: image ids are not unique")
+        raise ValueError(f"{json_file}: image ids are not unique (or an image entry is not an object)")
+    if not all(isinstance(ann, dict) for ann in coco["annotations"]):
+        raise ValueError(f"{json_file}: every entry of 'annotations' must be an object")
     ann_ids = [ann.get("id") for ann in coco["annotations"]]
     if len(set(ann_ids)) != len(ann_ids):
         raise ValueError(f"{json_file}: annotation ids are not unique")
-    category_ids = {c.get("id") for c in coco["categories"]}
+    category_ids = {c.get("id") for c in coco["categories"] if isinstance(c, dict)}
     problems = []
     for ann in coco["annotations"]:
-        problem = _annotation_problem(ann, images, category_ids)
+        problem = _annotation_problem(ann, images, category_ids, require_masks)
         if problem is not None:
             problems.append(f"annotation id {ann.get('id')} (image_id {ann.get('image_id')}): {problem}")
     if problems:
@@ -305,11 +363,13 @@ def validate_coco_json(json_file: str, max_reported: int = 5) -> dict:
         more = f"\n  ... and {len(problems) - max_reported} more" if len(problems) > max_reported else ""
         raise ValueError(f"{json_file}: {len(problems)} invalid annotation(s):\n  {shown}{more}")
     annotated = {ann["image_id"] for ann in coco["annotations"]}
-    return {
+    counts = {
         "images": len(images),
         "annotations": len(ann_ids),
         "images_without_annotations": len(set(images) - annotated),
     }
+    _VALIDATED[(key, require_masks)] = counts
+    return dict(counts)
 
 
 def _load_validated_coco_json(name: str, json_file: str, image_root: str) -> List[dict]:
@@ -320,9 +380,15 @@ def _load_validated_coco_json(name: str, json_file: str, image_root: str) -> Lis
     return load_coco_json(json_file, image_root, name)
 
 
+# name -> json file of the datasets registered by register_coco_instances_validated
+_VALIDATED_DATASETS: Dict[str, str] = {}
+
+
 def register_coco_instances_validated(name: str, metadata: dict, json_file: str, image_root: str) -> None:
     """Same as detectron2's ``register_coco_instances`` but the json is checked by
-    :func:`validate_coco_json` when the dataset is first loaded (clear errors, no silent drops)."""
+    :func:`validate_coco_json` when the dataset is first loaded (clear errors, no silent drops),
+    or earlier by :func:`check_datasets_before_training`."""
+    _VALIDATED_DATASETS[name] = json_file
     DatasetCatalog.register(name, functools.partial(_load_validated_coco_json, name, json_file, image_root))
     MetadataCatalog.get(name).set(
         json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
@@ -356,8 +422,7 @@ NUM_CLASSES_KEYS = (
 def coco_json_metadata(json_file: str) -> dict:
     """``thing_classes`` and ``thing_dataset_id_to_contiguous_id`` of a COCO json, exactly as
     detectron2's ``load_coco_json`` derives them (categories sorted by id, ids made contiguous)."""
-    with open(json_file) as f:
-        categories = json.load(f).get("categories")
+    categories = read_coco_json(json_file).get("categories")
     if not isinstance(categories, list) or not categories:
         raise ValueError(f"{json_file}: 'categories' is missing or empty; the class names and count come from it")
     bad = [c for c in categories if not isinstance(c, dict) or not isinstance(c.get("id"), int)
@@ -410,19 +475,60 @@ def register_coco_json_datasets(cfg: CfgNode) -> List[str]:
     return names
 
 
-def _num_classes_of(name: str) -> Optional[int]:
-    """Class count of a registered dataset from its metadata (or its json's categories); None if unknown."""
-    if name not in DatasetCatalog.list():
-        if not SHAPES_NAME_PATTERN.match(name):
-            return None  # the loader names an unknown dataset later
+def _registered(name: str) -> bool:
+    """Whether ``name`` is registered; a ``shapes_n*_s*_seed*`` name is registered on demand."""
+    if name in DatasetCatalog.list():
+        return True
+    if SHAPES_NAME_PATTERN.match(name):
         register_shapes_from_name(name)
+        return True
+    return False
+
+
+def dataset_classes(name: str) -> Optional[List[str]]:
+    """The class names of a registered dataset (metadata ``thing_classes``, or its json's
+    categories); None when unknown or not registered (the loader names an unknown dataset)."""
+    if not _registered(name):
+        return None
     meta = MetadataCatalog.get(name)
     if meta.get("thing_classes") is not None:
-        return len(meta.thing_classes)
+        return list(meta.thing_classes)
     json_file = meta.get("json_file")
     if json_file and os.path.isfile(json_file):
-        return len(coco_json_metadata(json_file)["thing_classes"])
+        return coco_json_metadata(json_file)["thing_classes"]
     return None
+
+
+def _num_classes_of(name: str) -> Optional[int]:
+    """Class count of a registered dataset (:func:`dataset_classes`); None if unknown."""
+    classes = dataset_classes(name)
+    return None if classes is None else len(classes)
+
+
+def _short_list(items: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(x) for x in items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} classes)"
+
+
+def check_class_lists(cfg: CfgNode) -> None:
+    """Raise ValueError naming both datasets and their class lists when the datasets of
+    ``DATASETS.TRAIN`` and ``DATASETS.TEST`` do not share one class list (names in contiguous-id
+    order): the model's class i must mean the same class in each, else AP is computed over
+    mismatched ids. Datasets whose classes are unknown are skipped."""
+    named = [(key, name) for key in ("DATASETS.TRAIN", "DATASETS.TEST") for name in _cfg_get(cfg, key)]
+    lists = [(key, name, dataset_classes(name)) for key, name in named]
+    lists = [entry for entry in lists if entry[2] is not None]
+    for key, name, classes in lists[1:]:
+        first_key, first_name, first = lists[0]
+        if classes == first:
+            continue
+        diff = next((i for i, (a, b) in enumerate(zip(first, classes)) if a != b), min(len(first), len(classes)))
+        at = (f"class {diff} is {first[diff]!r} vs {classes[diff]!r}" if diff < min(len(first), len(classes))
+              else f"{len(first)} vs {len(classes)} classes")
+        raise ValueError(
+            f"{first_key} dataset {first_name!r} and {key} dataset {name!r} have different class lists ({at}): "
+            f"{first_name!r}: {_short_list(first)}; {name!r}: {_short_list(classes)}. A model predicts one class "
+            f"list: evaluate on data with the training classes (same category names, in the same id order)")
 
 
 def dataset_num_classes(names: Sequence[str]) -> Optional[Tuple[int, str]]:
@@ -479,8 +585,8 @@ def _num_classes_update(cfg: CfgNode, key: str, count: int, dataset: str) -> Opt
             f"{count - value} of them. Set {key} {count}, or MODEL.NUM_CLASSES_FROM_DATASET True to take "
             f"it from the data"
         )
-    _warn_once(f"{key} is {value} but dataset {dataset!r} has {count} classes: "
-               f"{value - count} class outputs will never be trained")
+    _warn_once(f"{key} is {value} but dataset {dataset!r} has {count} classes: the {value - count} extra class "
+               f"outputs are never trained, and evaluation drops predictions of them (classes {count}..{value - 1})")
     return None
 
 
@@ -513,7 +619,75 @@ def resolve_num_classes(cfg: CfgNode) -> CfgNode:
 
 
 def apply_dataset_config(cfg: CfgNode) -> CfgNode:
-    """Register ``DATASETS.COCO_JSON`` and return ``cfg`` with class counts resolved
-    (:func:`resolve_num_classes`); called before a model is built."""
+    """Register ``DATASETS.COCO_JSON``, check that ``DATASETS.TRAIN`` and ``DATASETS.TEST``
+    share one class list (:func:`check_class_lists`) and return ``cfg`` with class counts
+    resolved (:func:`resolve_num_classes`); called before a model is built."""
     register_coco_json_datasets(cfg)
+    check_class_lists(cfg)
     return resolve_num_classes(cfg)
+
+
+def _require_registered(name: str, key: str) -> None:
+    """KeyError naming ``key`` and the ways to register ``name`` when it is not registered."""
+    if _registered(name):
+        return
+    raise KeyError(f"{key}: dataset {name!r} is not registered. Register a COCO json with "
+                   f"{COCO_JSON_KEY} [[{name!r}, JSON, IMAGE_ROOT]] in the yaml or --dataset {name}=JSON:IMAGE_ROOT; "
+                   f"registered: {sorted(DatasetCatalog.list())}")
+
+
+def check_datasets_before_training(cfg: CfgNode) -> None:
+    """Start-up checks of a training run, so that bad data stops it before the first iteration
+    rather than at the first evaluation: every name of ``DATASETS.TRAIN`` and ``DATASETS.TEST``
+    is registered, and the jsons of the datasets registered through
+    :func:`register_coco_instances_validated` (``DATASETS.COCO_JSON``, ``--dataset``) pass
+    :func:`validate_coco_json` (for ``DATASETS.TRAIN`` with masks required when
+    ``MODEL.MASK_ON``). Raises KeyError or ValueError naming the key, dataset, file and ids."""
+    for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+        for name in _cfg_get(cfg, key):
+            _require_registered(name, key)
+            if name in _VALIDATED_DATASETS:
+                masks = key == "DATASETS.TRAIN" and bool(cfg.MODEL.MASK_ON)
+                validate_coco_json(_VALIDATED_DATASETS[name], require_masks=masks)
+
+
+# ----------------------------------------------------------------------------- --dataset
+DATASET_FLAG_FORMS = "NAME=JSON:IMAGE_ROOT (a COCO json and its images) or NAME (a registered dataset)"
+
+
+def parse_dataset_flag(spec: str) -> Tuple[str, Optional[List[str]]]:
+    """One ``--dataset`` value of tools/train_net.py and tools/demo.py (same meaning in both).
+
+    ``NAME=JSON:IMAGE_ROOT`` registers the json under NAME (:func:`register_coco_json`) and gives
+    ``(NAME, [NAME, abs JSON, abs IMAGE_ROOT])``, the entry for ``DATASETS.COCO_JSON``; a bare
+    ``NAME`` must be registered already (a shapes or detectron2 name, or an entry of the
+    config's ``DATASETS.COCO_JSON``: register those first) and gives ``(NAME, None)``.
+    Raises ValueError for a malformed value, FileNotFoundError for missing files, KeyError for
+    an unknown NAME; each names the flag."""
+    source = f"--dataset {spec}"
+    if "=" not in spec:
+        _require_registered(spec, source)
+        return spec, None
+    name, _, paths = spec.partition("=")
+    parts = paths.split(":")
+    if not name or len(parts) != 2 or not all(parts):
+        raise ValueError(f"--dataset {spec!r}: expected {DATASET_FLAG_FORMS}, e.g. my_train=ann.json:images/")
+    register_coco_json(name, parts[0], parts[1], source=source)
+    return name, [name, os.path.abspath(parts[0]), os.path.abspath(parts[1])]
+
+
+def add_dataset_flags(cfg: CfgNode, specs: Sequence[str]) -> List[str]:
+    """Register the config's ``DATASETS.COCO_JSON`` and then each ``--dataset`` value of
+    ``specs`` (:func:`parse_dataset_flag`); the new ``NAME=JSON:IMAGE_ROOT`` entries are appended
+    to the (unfrozen) ``cfg.DATASETS.COCO_JSON``, so a saved config registers them again.
+    Returns the dataset names, in the order given."""
+    register_coco_json_datasets(cfg)
+    names = []
+    entries = [list(entry) for entry in cfg.DATASETS.COCO_JSON]
+    for spec in specs:
+        name, entry = parse_dataset_flag(spec)
+        if entry is not None and entry not in entries:
+            entries.append(entry)
+        names.append(name)
+    cfg.DATASETS.COCO_JSON = entries
+    return names
