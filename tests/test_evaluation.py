@@ -91,3 +91,37 @@ def test_coco_evaluator_backend_and_result_on_ground_truth(tmp_path):
     results = evaluator.evaluate()
     assert results["segm"]["AP"] == pytest.approx(100.0)
     assert results["bbox"]["AP"] > 90.0  # boxes from masks are the tight pixel boxes
+
+
+def test_predictions_of_classes_the_dataset_lacks_are_dropped(tmp_path):
+    """A model with 7 class outputs on the 5-class shapes: its predictions of classes 5 and 6 can
+    match nothing and are dropped (COCOEvaluator asserted on them); the rest scores as before."""
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.structures import Boxes, Instances
+
+    import maskfrozen
+    from conftest import captured_logs
+
+    cfg = get_cfg()
+    maskfrozen.add_maskfrozen_config(cfg)
+    evaluator = build_evaluator(cfg, "shapes_tiny_val", str(tmp_path))
+    evaluator.reset()
+    meta = MetadataCatalog.get("shapes_tiny_val")
+    coco = COCO(meta.json_file)
+    for record in DatasetCatalog.get("shapes_tiny_val"):
+        anns = coco.imgToAnns[record["image_id"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+        boxes[:, 2:] += boxes[:, :2]
+        inst = Instances((record["height"], record["width"]))
+        inst.pred_boxes = Boxes(torch.cat([boxes, boxes[:2]]))
+        inst.scores = torch.cat([torch.full((len(anns),), 0.5), torch.ones(2)])  # the extra ones rank first
+        ids = [meta.thing_dataset_id_to_contiguous_id[a["category_id"]] for a in anns]
+        inst.pred_classes = torch.tensor(ids + [5, 6])
+        evaluator.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    with captured_logs("maskfrozen.evaluation") as messages:
+        results = evaluator.evaluate()
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+    images = len(DatasetCatalog.get("shapes_tiny_val"))
+    assert messages == [f"shapes_tiny_val: dropped {2 * images} predictions of classes >= 5, which the dataset does "
+                        "not have (the model's class count is larger than the dataset's)"]

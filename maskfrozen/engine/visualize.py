@@ -84,9 +84,15 @@ def overlay_names(image_paths: List[str]) -> List[str]:
 
 
 def draw_predictions(predictions, image_bgr: np.ndarray, metadata, score_threshold: float) -> np.ndarray:
-    """RGB overlay of the instances scoring at least ``score_threshold``."""
+    """RGB overlay of the instances scoring at least ``score_threshold`` (and, when ``metadata``
+    names its classes, of a class it has: a model with more class outputs than the dataset's
+    classes may predict the others, as evaluation drops them)."""
     instances = predictions["instances"].to("cpu")
-    instances = instances[instances.scores >= score_threshold]
+    keep = instances.scores >= score_threshold
+    classes = metadata.get("thing_classes")
+    if classes is not None and instances.has("pred_classes"):
+        keep &= instances.pred_classes < len(classes)
+    instances = instances[keep]
     visualizer = Visualizer(image_bgr[:, :, ::-1], metadata=metadata, instance_mode=ColorMode.IMAGE)
     return visualizer.draw_instance_predictions(instances).get_image()
 
