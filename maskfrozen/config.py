@@ -155,6 +155,56 @@ def load_config(config_file: str, opts=(), freeze: bool = True) -> CN:
     return cfg
 
 
+def _detr_meta_architecture(cfg: CN) -> str:
+    """The meta-architecture that reads ``MODEL.DETR`` / ``MODEL.CO_DETR``: the model's own, or
+    for Mask Frozen-DETR its frozen detector's."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    return cfg.MODEL.MASK_FROZEN.DETECTOR_META_ARCHITECTURE if arch == "MaskFrozenDETR" else arch
+
+
+def _check_co_detr_target(cfg: CN) -> None:
+    """``MODEL.CO_DETR.ENABLED`` only on a DETR-family detector (else it would be ignored)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from .modeling.detr import DeformableDETRFamily
+
+    def is_detr(cls) -> bool:
+        return isinstance(cls, type) and issubclass(cls, DeformableDETRFamily)
+
+    arch = _detr_meta_architecture(cfg)
+    if arch in META_ARCH_REGISTRY and is_detr(META_ARCH_REGISTRY.get(arch)):
+        return
+    detr_archs = sorted(name for name, cls in META_ARCH_REGISTRY if is_detr(cls))
+    own = cfg.MODEL.META_ARCHITECTURE
+    detector = f" (its detector {arch!r})" if arch != own else ""
+    raise ValueError(f"MODEL.CO_DETR.ENABLED is True but MODEL.META_ARCHITECTURE {own!r}{detector} is not a "
+                     f"DETR-family detector, so Co-DETR's auxiliary heads would be silently ignored: they attach to "
+                     f"{detr_archs} (or Mask Frozen-DETR on one of them). Set MODEL.CO_DETR.ENABLED False")
+
+
+def check_config(cfg: CN) -> None:
+    """Cross-key checks that no single model's ``from_config`` makes (run by
+    :func:`prepare_config` before a model is built). Raises ValueError naming the keys and values."""
+    if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
+        raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1 (the detections kept per image; with 0 no image "
+                         f"has any and AP is nan), got {cfg.TEST.DETECTIONS_PER_IMAGE} "
+                         f"(MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r})")
+    if cfg.MODEL.CO_DETR.ENABLED:
+        _check_co_detr_target(cfg)
+
+
+def prepare_config(cfg: CN) -> CN:
+    """The start-up step of every entry point (``Trainer``, ``Predictor``, tools/train_net.py,
+    tools/demo.py) before a model is built: the config's datasets registered, the train/test
+    class lists checked and the class counts resolved (``maskfrozen.data.datasets.
+    apply_dataset_config``), then :func:`check_config`. Returns the resolved config."""
+    from .data.datasets import apply_dataset_config
+
+    cfg = apply_dataset_config(cfg)
+    check_config(cfg)
+    return cfg
+
+
 def add_data_and_weights_config(cfg: CN) -> None:
     """Your own COCO-format datasets, class counts taken from the data, strict MODEL.WEIGHTS
     (``maskfrozen.data.datasets.apply_dataset_config``, ``maskfrozen.engine.weights``)."""

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["CheckpointFormatError", "load_model_tensors"]
+__all__ = ["CheckpointFormatError", "header_problem", "load_error_cause", "load_model_tensors"]
 
 # torch.save writes a zip archive; checkpoints of torch < 1.6 (and _use_new_zipfile_serialization=False)
 # are pickles, which start with the PROTO opcode
@@ -19,7 +19,7 @@ class CheckpointFormatError(ValueError):
     """A file that cannot be read as a checkpoint of model tensors."""
 
 
-def _header_problem(path: str) -> Optional[str]:
+def header_problem(path: str) -> Optional[str]:
     """Why ``path`` cannot be a torch checkpoint, judged from its first bytes, or None."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -31,7 +31,7 @@ def _header_problem(path: str) -> Optional[str]:
             f"a zip archive (starting {ZIP_MAGIC!r}) or, before torch 1.6, a pickle (starting {PICKLE_PROTO!r})")
 
 
-def _cause(error: Exception) -> str:
+def load_error_cause(error: Exception) -> str:
     """The informative part of a ``torch.load`` error (its weights_only messages are long)."""
     text = str(error)
     if "WeightsUnpickler error:" in text:
@@ -48,12 +48,12 @@ def _load(path: str, allow_pickle: bool) -> Any:
     except Exception as e:  # torch raises several types (UnpicklingError, RuntimeError, EOFError, ...)
         if not allow_pickle and "Unsupported global" in str(e):
             raise CheckpointFormatError(
-                f"{path!r} holds pickled Python objects, which weights_only loading refuses ({_cause(e)}). "
+                f"{path!r} holds pickled Python objects, which weights_only loading refuses ({load_error_cause(e)}). "
                 f"Original-repo checkpoints store their argparse options this way: pass --allow-pickle "
                 f"(allow_pickle=True) if you trust the file") from e
         raise CheckpointFormatError(
             f"cannot load {path!r} as a torch checkpoint (torch.load with weights_only={not allow_pickle}: "
-            f"{_cause(e)}); the file is damaged or not a checkpoint") from e
+            f"{load_error_cause(e)}); the file is damaged or not a checkpoint") from e
 
 
 def load_model_tensors(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ def load_model_tensors(path: str, allow_pickle: bool = False) -> Dict[str, torch
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    problem = _header_problem(path)
+    problem = header_problem(path)
     if problem is not None:
         raise CheckpointFormatError(problem)
     ckpt = _load(path, allow_pickle)

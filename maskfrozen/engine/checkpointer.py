@@ -8,15 +8,20 @@ checkpoint and tag untouched.
 Files get the mode of any other new file (``0666 & ~umask``, 0644 under umask 022). A
 temporary file is named ``.tmp-<host>-<pid>-<token>-<name>``: a process killed in the
 middle of a write (``kill -9``) leaves it behind, and the next ``AtomicCheckpointer`` on
-that directory removes it once its writer is gone (see ``remove_stale_temporaries``)."""
+that directory removes it once its writer is gone (see ``remove_stale_temporaries``).
+
+A checkpoint file that cannot be read (empty, truncated, not a checkpoint at all) is a
+``CheckpointFormatError`` naming the file and what was expected, and, when it is the run's own
+last checkpoint (``--resume``), how to resume from the previous one instead."""
 import functools
 import logging
 import os
+import glob
 import re
 import secrets
 import socket
 import time
-from typing import Any, BinaryIO, Callable, List, Optional
+from typing import Any, BinaryIO, Callable, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -144,3 +149,42 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag_file = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(tag_file, lambda f: f.write(last_filename_basename.encode()))
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        """detectron2's reading of a checkpoint file; any failure is a CheckpointFormatError
+        naming the file, what was expected and (for the run's last checkpoint) what to do."""
+        # imported here: this module stays loadable on its own (a test runs atomic_write in a bare child process)
+        from ..checkpoint.loading import CheckpointFormatError, header_problem, load_error_cause
+
+        pickle_file = filename.endswith(".pkl")
+        expected = ("a detectron2 / Caffe2 model pickle" if pickle_file
+                    else "a checkpoint written by torch.save (e.g. tools/train_net.py's model_final.pth)")
+        problem = header_problem(filename) if not pickle_file or os.path.getsize(filename) == 0 else None
+        if problem is None:
+            try:
+                return super()._load_file(filename)
+            except Exception as e:  # EOFError, UnpicklingError, RuntimeError (truncated zip), ...
+                raise CheckpointFormatError(
+                    f"cannot read checkpoint {filename!r} ({load_error_cause(e)}): the file is damaged or not "
+                    f"{expected}.{self._last_checkpoint_advice(filename)}") from e
+        raise CheckpointFormatError(f"{problem}; expected {expected}.{self._last_checkpoint_advice(filename)}")
+
+    def _last_checkpoint_advice(self, filename: str) -> str:
+        """For the checkpoint that ``last_checkpoint`` names (a ``--resume``): resume from the
+        previous checkpoint of the folder, or delete this one; otherwise ''."""
+        if not (self.save_dir and self.has_checkpoint()):
+            return ""
+        try:
+            if not os.path.samefile(filename, self.get_checkpoint_file()):
+                return ""
+        except OSError:
+            return ""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        others = [p for p in glob.glob(os.path.join(self.save_dir, "model_*.pth")) if not os.path.samefile(p, filename)]
+        if not others:
+            return (f" It is the last checkpoint of {self.save_dir} ({tag}) and no earlier one exists there: delete "
+                    f"it and {tag} to train from the start")
+        previous = os.path.basename(max(others, key=os.path.getmtime))
+        return (f" It is the last checkpoint of {self.save_dir} ({tag}): to resume from the previous one, write "
+                f"{previous!r} into {tag} and run with --resume again; or delete {filename} (and {tag}) to train "
+                "from the start")

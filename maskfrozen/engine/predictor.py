@@ -7,16 +7,20 @@ file path crashes deep inside the model. ``Predictor`` converts what has one mea
 with an error that says what was given and what is expected. Its weights load strictly
 (:class:`~maskfrozen.engine.weights.CheckedCheckpointer`: a checkpoint of another model or
 size is an error unless ``MODEL.WEIGHTS_ALLOW_PARTIAL``), and the config's own datasets
-(``DATASETS.COCO_JSON``) and class counts are resolved as training resolved them."""
+(``DATASETS.COCO_JSON``) and class counts are resolved and the config checked as training
+did it (``maskfrozen.config.prepare_config``)."""
 import logging
 import os
 from typing import Any, Dict
 
 import numpy as np
 from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
 
-from ..data.datasets import apply_dataset_config
+from ..config import prepare_config
 from .weights import CheckedCheckpointer
 
 __all__ = ["Predictor", "as_bgr_uint8"]
@@ -84,16 +88,22 @@ class Predictor(DefaultPredictor):
     ``cv2.imread``; an ``HxWx4`` array is taken as BGRA), grayscale ``HxW`` / ``HxWx1``
     uint8 too, and returns ``{"instances": Instances}`` at the input's size."""
 
-    def __init__(self, cfg: CfgNode) -> None:
-        cfg = apply_dataset_config(cfg).clone()
-        cfg.defrost()
-        weights, cfg.MODEL.WEIGHTS = cfg.MODEL.WEIGHTS, ""
-        super().__init__(cfg)  # builds the model; loads nothing (empty MODEL.WEIGHTS)
-        self.cfg.MODEL.WEIGHTS = weights
+    def __init__(self, cfg: CfgNode) -> None:  # DefaultPredictor's, with the strict checkpointer
+        self.cfg = prepare_config(cfg).clone()  # cfg can be modified by the model
+        self.model = build_model(self.cfg)  # sees MODEL.WEIGHTS (Mask Frozen-DETR: whole checkpoint or not)
+        self.model.eval()
+        if len(self.cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(self.cfg.DATASETS.TEST[0])
+        test_size = self.cfg.INPUT.MIN_SIZE_TEST
+        self.aug = T.ResizeShortestEdge([test_size, test_size], self.cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = self.cfg.INPUT.FORMAT
+        if self.input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for the predictor, got {self.input_format!r}")
+        weights = self.cfg.MODEL.WEIGHTS
         if not weights:
             logger.warning("MODEL.WEIGHTS is empty: the predictor's model keeps its random initial weights")
             return
-        CheckedCheckpointer(self.model, allow_partial=cfg.MODEL.WEIGHTS_ALLOW_PARTIAL).load(weights)
+        CheckedCheckpointer(self.model, allow_partial=self.cfg.MODEL.WEIGHTS_ALLOW_PARTIAL).load(weights)
 
     def __call__(self, original_image: Any) -> Dict[str, Any]:
         return super().__call__(as_bgr_uint8(original_image))
