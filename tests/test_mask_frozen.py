@@ -9,7 +9,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from conftest import REPO, make_cfg
+from conftest import REPO, captured_logs, make_cfg
 from maskfrozen.modeling.criterion.point_sampling import box_points_to_image
 from maskfrozen.modeling.mask_frozen.criterion import MaskIoULoss
 from maskfrozen.modeling.mask_frozen.mask_network import MaskPredictions
@@ -296,3 +296,39 @@ def test_zero_mask_queries_and_corrupt_detector_weights_are_clear_errors(tmp_pat
     torch.save({"state_dict": {"w": torch.zeros(1)}}, no_model)
     with pytest.raises(ValueError, match=r"no_model\.pth.*'model' key .*\['state_dict'\]"):
         build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", str(no_model)))
+
+
+def test_more_mask_queries_than_detector_queries_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"MODEL.MASK_FROZEN.NUM_QUERIES 50 is larger than the detector's "
+                                         r"MODEL.DETR.NUM_QUERIES 20.*<= 20"):
+        build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.NUM_QUERIES", "50"))
+
+
+def test_deploy_from_a_whole_checkpoint_needs_no_detector_file(tmp_path, detector_checkpoint):
+    """MODEL.WEIGHTS = a mask training's model_final.pth: built without reading DETECTOR_WEIGHTS
+    (the shipped configs name a file absent on a deploy machine), loaded strictly, detector
+    included, and no false "RANDOM detector" warning (tiny config)."""
+    from maskfrozen.engine import Predictor
+    from maskfrozen.engine.weights import WeightsMismatchError
+
+    path, _ = detector_checkpoint
+    trained = build_model(make_cfg(TINY, tmp_path, "MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", path))
+    whole = str(tmp_path / "model_final.pth")
+    torch.save({"model": trained.state_dict(), "iteration": 3}, whole)
+    shipped_like = ["MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", str(tmp_path / "absent" / "model_final.pth"),
+                    "MODEL.MASK_FROZEN.ALLOW_RANDOM_DETECTOR", "False"]
+    for extra in (shipped_like, []):
+        with captured_logs("maskfrozen") as messages:
+            predictor = Predictor(make_cfg(TINY, tmp_path, "MODEL.WEIGHTS", whole, *extra))
+        assert not [m for m in messages if "RANDOM" in m]
+        assert any("is a whole Mask Frozen-DETR checkpoint: the detector is loaded from it" in m for m in messages)
+        loaded = predictor.model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+    with captured_logs("maskfrozen") as messages:  # really random: the warning stays
+        Predictor(make_cfg(TINY, tmp_path))
+    assert any("using a RANDOM detector" in m for m in messages)
+    broken = dict(trained.state_dict())
+    broken.pop(next(k for k in broken if k.startswith("detector.transformer.")))
+    torch.save({"model": broken}, whole)
+    with pytest.raises(WeightsMismatchError, match=r"model_final\.pth does not fit .*1 missing keys .*detector\."):
+        Predictor(make_cfg(TINY, tmp_path, "MODEL.WEIGHTS", whole, *shipped_like))

@@ -2,8 +2,11 @@
 
 The detector (any meta-arch of our DETR family, built from the same config's
 ``MODEL.DETR`` / backbone sections) is loaded from ``MODEL.MASK_FROZEN.DETECTOR_WEIGHTS``
-and frozen: no parameter requires grad, it stays in eval mode when the model is put in
-train mode (``MaskFrozenDETR.train`` says so), and it runs under ``no_grad``. Only the
+(unless ``MODEL.WEIGHTS`` is a whole Mask Frozen-DETR checkpoint, e.g. the ``model_final.pth``
+of a mask training: then that file, loaded strictly after the build, holds the detector too,
+and ``DETECTOR_WEIGHTS`` is not read) and frozen: no parameter requires grad, it stays in
+eval mode when the model is put in train mode (``MaskFrozenDETR.train`` says so), and it
+runs under ``no_grad``. Only the
 :class:`MaskNetwork` trains. The detector is used only through its documented interface
 (``preprocess_image``, ``prepare_targets``, ``detect``, ``losses``, ``hidden_dim``,
 ``num_feature_levels``, ``matcher``; see :mod:`maskfrozen.modeling.detr.meta_arch`).
@@ -65,7 +68,8 @@ def read_detector_state(path: str) -> Dict[str, torch.Tensor]:
     local = PathManager.get_local_path(path)
     if not os.path.isfile(local):
         raise FileNotFoundError(f"{key}={path!r}: no such file; train the detector first (tools/train_net.py with its "
-                                f"DETR config) or point to its model_final.pth")
+                                f"DETR config) or point to its model_final.pth (to deploy a trained Mask Frozen-DETR, "
+                                f"MODEL.WEIGHTS = the model_final.pth of its mask training is enough)")
     try:
         checkpoint = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated/corrupt zip, a pickle with code, not a checkpoint at all
@@ -108,9 +112,45 @@ def freeze_detector(detector: nn.Module) -> None:
     detector.eval()
 
 
+def is_whole_model_checkpoint(path: str) -> bool:
+    """Whether ``path`` (``MODEL.WEIGHTS``) is a local checkpoint of a whole MaskFrozenDETR: its
+    ``model`` holds ``detector.*`` and ``mask_network.*`` tensors. Reads only the keys (memory-
+    mapped); a URL, a missing or unreadable file is False (the checkpointer reports it later)."""
+    if not path or not os.path.isfile(path):
+        return False
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (.pkl, damaged): not ours
+        return False
+    state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        return False
+    return any(k.startswith("detector.") for k in state) and any(k.startswith("mask_network.") for k in state)
+
+
+def _load_or_explain_detector(cfg: CfgNode, detector: nn.Module) -> None:
+    """Load the detector's weights, or say where they come from (see ``build_frozen_detector``)."""
+    m = cfg.MODEL.MASK_FROZEN
+    if is_whole_model_checkpoint(cfg.MODEL.WEIGHTS):
+        logger.info(f"MaskFrozenDETR: MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} is a whole Mask Frozen-DETR checkpoint: "
+                    f"the detector is loaded from it with the mask network; DETECTOR_WEIGHTS is not read")
+    elif m.DETECTOR_WEIGHTS:
+        load_detector_weights(detector, m.DETECTOR_WEIGHTS)
+    elif m.ALLOW_RANDOM_DETECTOR:
+        logger.warning("MaskFrozenDETR: MODEL.MASK_FROZEN.DETECTOR_WEIGHTS is empty and MODEL.WEIGHTS is not a whole "
+                       "Mask Frozen-DETR checkpoint: using a RANDOM detector (ALLOW_RANDOM_DETECTOR: True, meant "
+                       "for tests)")
+    else:
+        raise ValueError("MODEL.MASK_FROZEN.DETECTOR_WEIGHTS is empty: Mask Frozen-DETR needs the checkpoint of a "
+                         "trained detector (or MODEL.WEIGHTS = a whole Mask Frozen-DETR checkpoint, e.g. the "
+                         "model_final.pth of a mask training; ALLOW_RANDOM_DETECTOR: True only for tests)")
+
+
 def build_frozen_detector(cfg: CfgNode) -> nn.Module:
     """The detector of ``MODEL.MASK_FROZEN.DETECTOR_META_ARCHITECTURE`` built from this
-    config, loaded from ``DETECTOR_WEIGHTS`` and frozen."""
+    config, loaded from ``DETECTOR_WEIGHTS`` and frozen. When ``MODEL.WEIGHTS`` is a whole
+    Mask Frozen-DETR checkpoint (``is_whole_model_checkpoint``) ``DETECTOR_WEIGHTS`` is not
+    read: the checkpointer loads that file, detector included, strictly after the build."""
     m = cfg.MODEL.MASK_FROZEN
     name = m.DETECTOR_META_ARCHITECTURE
     if name == "MaskFrozenDETR" or name not in META_ARCH_REGISTRY:
@@ -121,14 +161,7 @@ def build_frozen_detector(cfg: CfgNode) -> nn.Module:
     det_cfg.MODEL.META_ARCHITECTURE = name
     detector = META_ARCH_REGISTRY.get(name)(det_cfg)
     detector.to(torch.device(cfg.MODEL.DEVICE))
-    if m.DETECTOR_WEIGHTS:
-        load_detector_weights(detector, m.DETECTOR_WEIGHTS)
-    elif m.ALLOW_RANDOM_DETECTOR:
-        logger.warning("MaskFrozenDETR: MODEL.MASK_FROZEN.DETECTOR_WEIGHTS is empty, using a RANDOM detector "
-                       "(ALLOW_RANDOM_DETECTOR: True, meant for tests)")
-    else:
-        raise ValueError("MODEL.MASK_FROZEN.DETECTOR_WEIGHTS is empty: Mask Frozen-DETR needs the checkpoint of a "
-                         "trained detector (set ALLOW_RANDOM_DETECTOR: True only for tests)")
+    _load_or_explain_detector(cfg, detector)
     freeze_detector(detector)
     return detector
 
@@ -178,6 +211,11 @@ class MaskFrozenDETR(nn.Module):
         if m.NUM_QUERIES < 1:
             raise ValueError(f"MODEL.MASK_FROZEN.NUM_QUERIES must be >= 1 (the detector queries that get a mask), "
                              f"got {m.NUM_QUERIES}")
+        if m.NUM_QUERIES > cfg.MODEL.DETR.NUM_QUERIES:
+            raise ValueError(f"MODEL.MASK_FROZEN.NUM_QUERIES {m.NUM_QUERIES} is larger than the detector's "
+                             f"MODEL.DETR.NUM_QUERIES {cfg.MODEL.DETR.NUM_QUERIES}: the mask network selects its top-N "
+                             f"among the detector's queries; set MODEL.MASK_FROZEN.NUM_QUERIES <= "
+                             f"{cfg.MODEL.DETR.NUM_QUERIES}")
         detector = build_frozen_detector(cfg)
         shapes = detector.backbone.output_shape()
         if m.C1_FEATURE not in shapes:
