@@ -15,7 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
 from conftest import REPO, TINY_CONFIG, make_cfg
-from maskfrozen.data.datasets import resolve_num_classes
+from maskfrozen.data.datasets import parse_dataset_flag, register_coco_json, resolve_num_classes
 from maskfrozen.engine import Trainer
 from maskfrozen.engine.weights import CheckedCheckpointer, WeightsMismatchError
 
@@ -109,13 +109,13 @@ def test_coco_json_key_builds_mask_rcnn_with_the_json_classes(coco_dir, tmp_path
 
 
 @pytest.mark.parametrize("opts, expected", [
-    ([], 5),  # set by the yaml and larger than the data's 3: kept (warning)
+    ([], 5),  # set by the yaml and larger than the data's 3: kept (warning; evaluation drops classes 3, 4)
     (["MODEL.DETR.NUM_CLASSES", "80"], 3),  # the code default counts as unset: filled
     (["MODEL.NUM_CLASSES_FROM_DATASET", "True"], 3),
 ])
 def test_class_count_is_filled_only_where_unset_or_asked(coco_dir, tmp_path, opts, expected):
     json_file, image_root = coco_dir
-    train_net.register_coco_json("toy_fill", json_file, image_root)
+    register_coco_json("toy_fill", json_file, image_root)
     cfg = resolve_num_classes(make_cfg(DINO_TINY, tmp_path, "DATASETS.TRAIN", "('toy_fill',)", *opts))
     assert cfg.MODEL.DETR.NUM_CLASSES == expected
     assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3  # detectron2's default 80, unset: filled too
@@ -142,9 +142,9 @@ def test_missing_files_and_bad_entries_name_the_source_and_path(coco_dir, tmp_pa
     missing = str(tmp_path / "nope.json")
     expected = re.escape(f"--dataset x={missing}:") + ".*" + re.escape(f"annotation json '{missing}'")
     with pytest.raises(FileNotFoundError, match=expected):
-        train_net.parse_dataset_arg(f"x={missing}:{image_root}")
-    with pytest.raises(ValueError, match="--dataset 'x=only.json': expected NAME=JSON:IMAGE_ROOT"):
-        train_net.parse_dataset_arg("x=only.json")
+        parse_dataset_flag(f"x={missing}:{image_root}")
+    with pytest.raises(ValueError, match="--dataset 'x=only.json': expected NAME=JSON:IMAGE_ROOT .* or NAME"):
+        parse_dataset_flag("x=only.json")
     no_dir = str(tmp_path / "no_images")
     cfg = make_cfg(TINY_CONFIG, tmp_path, "DATASETS.COCO_JSON", str([["toy_x", json_file, no_dir]]))
     with pytest.raises(FileNotFoundError, match=re.escape(f"DATASETS.COCO_JSON[0]: image directory '{no_dir}'")):
@@ -157,7 +157,7 @@ def test_missing_files_and_bad_entries_name_the_source_and_path(coco_dir, tmp_pa
 def test_name_registered_with_other_files_is_refused(coco_dir, tmp_path):
     json_file, image_root = coco_dir
     with pytest.raises(ValueError, match="'shapes_tiny_train' is already registered"):
-        train_net.register_coco_json("shapes_tiny_train", json_file, image_root)
+        register_coco_json("shapes_tiny_train", json_file, image_root)
 
 
 # ----------------------------------------------------------------------------- weights
