@@ -11,7 +11,7 @@ from maskfrozen.modeling.criterion.mask_losses import (
     sigmoid_bce_cost,
     sigmoid_bce_loss,
 )
-from maskfrozen.modeling.criterion.point_sampling import importance_sample_points, point_sample
+from maskfrozen.modeling.criterion.point_sampling import importance_sample_points, point_sample, replay_points
 
 
 def test_point_sample_reads_pixel_centres_and_interpolates():
@@ -80,3 +80,22 @@ def test_point_mask_losses_train_towards_target():
     assert pixel_accuracy > 0.95
     empty = point_mask_losses(torch.zeros(0, 1, 4, 4, requires_grad=True), sample, 1.0, 8)
     assert empty["loss_mask"].item() == 0.0 and empty["loss_mask"].requires_grad
+
+
+def test_replayed_draws_replace_the_random_ones_in_call_order():
+    """Inside replay_points the importance sampling's candidates and fresh points are the given
+    draws (here: the candidates' first 3 rows are the most uncertain ones, logit 0 at x < 0.5);
+    a draw of the wrong size or one too many is an error naming the problem."""
+    logits = torch.full((1, 1, 4, 4), 5.0)
+    logits[..., :2] = 0.0  # uncertain left half
+    candidates = torch.tensor([[[0.1, 0.1], [0.2, 0.9], [0.3, 0.5], [0.9, 0.9], [0.8, 0.2], [0.7, 0.7]]])
+    fresh = torch.tensor([[[0.6, 0.4]]])
+    with replay_points([candidates, fresh]) as rest:
+        coords = importance_sample_points(logits, num_points=4, oversample_ratio=1.5, importance_sample_ratio=0.75)
+    assert next(rest, None) is None
+    assert sorted(coords[0, :3].tolist()) == sorted(candidates[0, :3].tolist()) and torch.equal(coords[0, 3], fresh[0, 0])
+    with pytest.raises(ValueError, match="out of step"), replay_points([torch.zeros(1, 5, 2)]):
+        importance_sample_points(logits, num_points=4, oversample_ratio=1.5)
+    with pytest.raises(RuntimeError, match="ran out"), replay_points([candidates]):
+        importance_sample_points(logits, num_points=4, oversample_ratio=1.5)
+
