@@ -20,11 +20,18 @@ def add_engine_config(cfg: CN) -> None:
 
 
 def add_detr_config(cfg: CN) -> None:
-    """DETR family (``DeformableDETRFamily`` meta-arch). Defaults = Deformable-DETR two-stage
-    + box refine (R50, COCO); DINO and H-DETR set their options in their yaml files."""
+    """DETR family (``DeformableDETRFamily`` meta-arch). Defaults = the official Deformable-DETR
+    (fundamentalvision/Deformable-DETR) two-stage + box refine; DINO and H-DETR set their
+    options in their yaml files. Our deliberate differences are options, off by default
+    (docs/fidelity/detr.md)."""
     cfg.MODEL.DETR = CN()
     d = cfg.MODEL.DETR
+    # rows of every class head; CLASS_ROWS says what a row is: "contiguous" = the dataset's class k
+    # (NUM_CLASSES = its class count) | "coco_category_id" = the COCO category id (the official
+    # repositories' 91 rows, ids 0..90: targets use the id, detections map it back to the dataset's
+    # class and rows without a COCO category are dropped after the top-k)
     d.NUM_CLASSES = 80
+    d.CLASS_ROWS = "contiguous"
     d.IN_FEATURES = ["res3", "res4", "res5"]
     d.NUM_FEATURE_LEVELS = 4  # extra stride-2 levels = NUM_FEATURE_LEVELS - len(IN_FEATURES)
     d.GN_GROUPS = 32
@@ -38,14 +45,27 @@ def add_detr_config(cfg: CN) -> None:
     d.ENC_N_POINTS = 4
     d.DEC_N_POINTS = 4
     d.POSITION_TEMPERATURE = 10000.0
-    d.POSITION_OFFSET = 0.0  # DINO (detrex): -0.5
+    d.POSITION_OFFSET = -0.5  # Deformable-DETR, H-DETR: -0.5; DINO: 0
+    # padding mask of each level: "interpolate" = the image's mask resized (nearest) to the level,
+    # as the official code | "ceil" (ours) = the ceil(size / stride) cells a conv stack computes
+    d.LEVEL_MASKS = "interpolate"
+    # the batch is padded to its largest image (0, official) or to a multiple of this
+    d.SIZE_DIVISIBILITY = 0
     d.NUM_QUERIES = 300
     d.TWO_STAGE = True
     d.BOX_REFINE = True
     d.MIXED_SELECTION = False  # content queries learned, positions from the proposals
     d.QUERY_POS = "static"  # "static" (Deformable-DETR, H-DETR) | "dynamic" (DINO)
+    # the box DINO's dynamic query position embeds: "level0" = the reference scaled by level 0's
+    # valid ratio (official) | "image" (ours) = the image-normalised reference (padding-invariant)
+    d.QUERY_POS_REFERENCE = "level0"
     d.LOOK_FORWARD_TWICE = False
     d.DECODER_FINAL_NORM = False  # DINO: True
+    d.SHARE_DECODER_HEADS = False  # one class / box head for every decoder layer (DINO: True)
+    d.INVERSE_SIGMOID_EPS = 1e-5  # clamp of the box refinement's logit (DINO: 1e-3)
+    # two-stage selection: False (official) = invalid (padded, border) tokens rank like the others,
+    # only their boxes are invalid | True (ours) = they are never selected
+    d.PROPOSALS_VALID_ONLY = False
     # Hungarian matching costs and loss weights (focal class cost / loss)
     d.CLASS_COST_WEIGHT = 2.0
     d.BBOX_COST_WEIGHT = 5.0
@@ -55,16 +75,19 @@ def add_detr_config(cfg: CN) -> None:
     d.GIOU_WEIGHT = 2.0
     d.FOCAL_ALPHA = 0.25
     d.FOCAL_GAMMA = 2.0
-    d.ENC_CLASS_AGNOSTIC = True  # encoder proposals scored object-vs-background
-    # DINO contrastive denoising: positive dn queries per image (0 = off)
+    d.ENC_CLASS_AGNOSTIC = True  # encoder proposals scored object-vs-background (rank by logit 0)
+    # encoder-proposal loss on "all" tokens (Deformable-DETR, H-DETR) | the "selected" top-k (DINO)
+    d.ENC_LOSS_TOKENS = "all"
+    # DINO contrastive denoising: positive dn queries per image (0 = off); groups as the official
+    # code: 2 * DN_NUMBER // (2 * most GT in an image) when 2 * DN_NUMBER >= 100, else 2 * DN_NUMBER
     d.DN_NUMBER = 0
     d.DN_LABEL_NOISE = 0.5
-    d.DN_BOX_NOISE = 1.0
+    d.DN_BOX_NOISE = 0.4
     # H-DETR hybrid matching: extra one-to-many queries (0 = off), GT repeats k, loss weight
     d.NUM_QUERIES_ONE2MANY = 0
     d.K_ONE2MANY = 6
     d.LAMBDA_ONE2MANY = 1.0
-    d.SIZE_DIVISIBILITY = 32
+    d.CLIP_BOXES = False  # ours: clip output boxes to the image and drop empty ones (official: no)
     # detections per image at inference: detectron2's TEST.DETECTIONS_PER_IMAGE (all models)
 
 

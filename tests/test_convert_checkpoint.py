@@ -1,6 +1,8 @@
 """Checkpoint converter: a synthetic detrex DINO state_dict (names and shapes written out
 here, independently of the converter's table) converts, loads strictly and reproduces
-its tensors; shape mismatches are refused; 91-class heads are sliced to 80. The CLI refuses
+its tensors; shape mismatches are refused; the official 91-row class heads stay whole, the
+official DINO's shared decoder heads fill our shared head (per-layer heads are refused there),
+its label book loses its never-used last row. The CLI refuses
 a conversion that maps too little and files that are not checkpoints, naming the real cause,
 and writes nothing then."""
 import os
@@ -14,7 +16,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import maskfrozen
-from maskfrozen.checkpoint import coco_contiguous_ids, convert_detr_state_dict
+from maskfrozen.checkpoint import convert_detr_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "shapes", "detr", "dino_R18_tiny.yaml")
@@ -113,7 +115,7 @@ def test_shape_mismatch_is_refused_with_all_keys_listed():
     assert "tgt_embed" in str(err.value) and "class_embed.0.weight" in str(err.value)
 
 
-def test_original_repo_names_and_91_class_slicing():
+def test_original_repo_names_and_whole_91_row_heads():
     source = {
         "backbone.0.body.layer2.0.downsample.1.running_var": torch.ones(512),
         "backbone.0.body.layer1.1.bn2.weight": torch.ones(64),
@@ -127,10 +129,70 @@ def test_original_repo_names_and_91_class_slicing():
     assert "backbone.res2.1.conv2.norm.weight" in converted
     assert "neck.extra_convs.0.norm.bias" in converted
     assert "transformer.decoder.layers.0.self_attn.norm.weight" in converted  # self-attn norm
-    head = converted["transformer.class_embed.0.bias"]
-    ids = coco_contiguous_ids()
-    assert head.shape == (80,) and head.tolist() == [float(i) for i in ids] and ids[:3] == [1, 2, 3] and ids[-1] == 90
+    # class heads whole: row r is COCO category id r (the official ranking and top-k use every row)
+    assert torch.equal(converted["transformer.class_embed.0.bias"], torch.arange(91.0))
     assert report.unused_source_keys == ["some.unknown.key"]
+
+
+def _head_target(heads: int, layers: int = 3, rows: int = 91, c: int = 8):
+    """A stand-in target state dict: ``heads`` class / box heads and ``layers`` decoder layers."""
+    target = {f"transformer.decoder.layers.{i}.ffn.linear1.weight": torch.zeros(16, c) for i in range(layers)}
+    for k in range(heads):
+        target[f"transformer.class_embed.{k}.weight"] = torch.zeros(rows, c)
+        target[f"transformer.bbox_embed.{k}.layers.2.weight"] = torch.zeros(4, c)
+    target["denoising.label_enc.weight"] = torch.zeros(rows, c)
+    return target
+
+
+def _official_dino_heads(shared: bool, rows: int = 91, c: int = 8):
+    """Official DINO head keys of a 3-layer decoder: per-layer heads (one tensor when shared),
+    the encoder heads, the label book of rows + 1 entries, the decoder aliases of the heads."""
+    g = torch.Generator().manual_seed(0)
+    head, box = torch.randn(rows, c, generator=g), torch.randn(4, c, generator=g)
+    source = {f"transformer.decoder.layers.{i}.linear1.weight": torch.randn(16, c, generator=g) for i in range(3)}
+    for i in range(3):
+        source[f"class_embed.{i}.weight"] = head if shared else torch.randn(rows, c, generator=g)
+        source[f"bbox_embed.{i}.layers.2.weight"] = box if shared else torch.randn(4, c, generator=g)
+        source[f"transformer.decoder.class_embed.{i}.weight"] = source[f"class_embed.{i}.weight"]
+        source[f"transformer.decoder.bbox_embed.{i}.layers.2.weight"] = source[f"bbox_embed.{i}.layers.2.weight"]
+    source["transformer.enc_out_class_embed.weight"] = torch.randn(rows, c, generator=g)
+    source["transformer.enc_out_bbox_embed.layers.2.weight"] = torch.randn(4, c, generator=g)
+    source["label_enc.weight"] = torch.arange(float(rows + 1))[:, None].repeat(1, c)
+    return source
+
+
+def test_official_dino_shared_heads_encoder_head_and_label_book():
+    """The official DINO shares its decoder heads: index 0 fills our shared head 0, indices 1-2
+    are dropped as aliases, the encoder heads become our last head (index 1 with sharing, 3
+    without); the label book loses its never-drawn last row; every tensor is accounted for."""
+    source = _official_dino_heads(shared=True)
+    converted, report = convert_detr_state_dict(source, "original_dino", _head_target(heads=2))
+    assert torch.equal(converted["transformer.class_embed.0.weight"], source["class_embed.0.weight"])
+    assert torch.equal(converted["transformer.class_embed.1.weight"], source["transformer.enc_out_class_embed.weight"])
+    assert torch.equal(converted["transformer.bbox_embed.1.layers.2.weight"],
+                       source["transformer.enc_out_bbox_embed.layers.2.weight"])
+    assert converted["denoising.label_enc.weight"][:, 0].tolist() == [float(i) for i in range(91)]
+    assert report.sliced_rows == ["denoising.label_enc.weight"]
+    assert "class_embed.2.weight" in report.dropped_aliases and report.unused_source_keys == []
+    assert report.unmatched_target_keys == []
+    assert len(report.renamed) + len(report.dropped_aliases) == report.num_source_tensors
+    # the same checkpoint into per-layer heads: copies of the shared tensor, encoder head last
+    converted, report = convert_detr_state_dict(source, "original_dino", _head_target(heads=4))
+    assert torch.equal(converted["transformer.class_embed.2.weight"], source["class_embed.0.weight"])
+    assert torch.equal(converted["transformer.class_embed.3.weight"], source["transformer.enc_out_class_embed.weight"])
+    assert report.unmatched_target_keys == []
+
+
+def test_distinct_per_layer_heads_into_a_shared_head_are_refused():
+    with pytest.raises(ValueError, match="SHARE_DECODER_HEADS False") as err:
+        convert_detr_state_dict(_official_dino_heads(shared=False), "original_dino", _head_target(heads=2))
+    assert "class_embed.1.weight" in str(err.value)
+
+
+def test_91_row_heads_into_80_rows_are_a_shape_error_naming_num_classes():
+    with pytest.raises(ValueError, match="shape mismatch") as err:
+        convert_detr_state_dict(_official_dino_heads(shared=True), "original_dino", _head_target(heads=2, rows=80))
+    assert "(91, 8) vs model (80, 8)" in str(err.value) and "NUM_CLASSES (91 for the official checkpoints)" in str(err.value)
 
 
 def test_cli_writes_loadable_checkpoint(tmp_path):
@@ -147,21 +209,6 @@ def test_cli_writes_loadable_checkpoint(tmp_path):
     assert report.unmatched_target_keys == []
     loaded = torch.load(out, weights_only=True)["model"]
     model.load_state_dict(loaded, strict=False)
-
-
-def test_original_dino_encoder_heads_and_label_embedding():
-    source = {
-        "transformer.enc_out_class_embed.bias": torch.arange(91.0),
-        "transformer.enc_out_bbox_embed.layers.2.weight": torch.zeros(4, 256),
-        "label_enc.weight": torch.arange(92.0)[:, None].repeat(1, 8),
-        "transformer.decoder.layers.2.cross_attn.value_proj.weight": torch.zeros(256, 256),
-    }
-    converted, report = convert_detr_state_dict(source, "original_dino", num_decoder_layers=6)
-    assert converted["transformer.class_embed.6.bias"].shape == (80,)
-    assert "transformer.bbox_embed.6.layers.2.weight" in converted
-    assert converted["denoising.label_enc.weight"][:, 0].tolist() == [float(i) for i in coco_contiguous_ids()]
-    assert "transformer.decoder.layers.2.cross_attn.attn.value_proj.weight" in converted
-    assert report.unused_source_keys == []
 
 
 # ---- errors of the CLI: nothing written, the real cause named ------------------------------

@@ -35,23 +35,42 @@ def test_config_builds_model(path):
 
 
 def test_published_settings():
+    """The official DINO_4scale.py / H-DETR 12-epoch script values."""
     dino = load(os.path.join(REPO, "configs/coco/dino/dino_R50_4scale_12ep.yaml"))
     d = dino.MODEL.DETR
-    assert (d.NUM_QUERIES, d.DN_NUMBER, d.DN_LABEL_NOISE, d.DN_BOX_NOISE) == (900, 100, 0.5, 1.0)
+    assert (d.NUM_QUERIES, d.DN_NUMBER, d.DN_LABEL_NOISE, d.DN_BOX_NOISE) == (900, 100, 0.5, 0.4)
+    assert (d.POSITION_TEMPERATURE, d.POSITION_OFFSET, dino.TEST.DETECTIONS_PER_IMAGE) == (20.0, 0.0, 300)
+    assert (d.SHARE_DECODER_HEADS, d.INVERSE_SIGMOID_EPS, d.ENC_LOSS_TOKENS, d.QUERY_POS_REFERENCE) == \
+        (True, 1e-3, "selected", "level0")
+    assert (d.NUM_CLASSES, d.CLASS_ROWS, d.SIZE_DIVISIBILITY, d.LEVEL_MASKS) == (91, "coco_category_id", 0, "interpolate")
+    assert load(os.path.join(REPO, "configs/coco/dino/dino_R50_4scale_24ep.yaml")).MODEL.DETR == d
     assert (d.CLASS_COST_WEIGHT, d.BBOX_COST_WEIGHT, d.GIOU_COST_WEIGHT) == (2.0, 5.0, 2.0)
     assert (d.CLASS_WEIGHT, d.BBOX_WEIGHT, d.GIOU_WEIGHT) == (1.0, 5.0, 2.0)
     assert (dino.SOLVER.BASE_LR, dino.SOLVER.BACKBONE_MULTIPLIER, dino.SOLVER.CLIP_GRADIENTS.CLIP_VALUE) == (1e-4, 0.1, 0.1)
     assert (dino.SOLVER.MAX_ITER, dino.SOLVER.IMS_PER_BATCH) == (90000, 16)
     h = load(os.path.join(REPO, "configs/coco/h_detr/h_detr_R50_two_stage_12ep.yaml")).MODEL.DETR
     assert (h.NUM_QUERIES, h.NUM_QUERIES_ONE2MANY, h.K_ONE2MANY, h.LAMBDA_ONE2MANY) == (300, 1500, 6, 1.0)
+    assert (h.POSITION_OFFSET, h.ENC_LOSS_TOKENS, h.SHARE_DECODER_HEADS, h.INVERSE_SIGMOID_EPS) == (-0.5, "all", False, 1e-5)
+
+
+def test_dino_config_shares_its_decoder_heads():
+    """One class / box head for the 6 decoder layers + the encoder head (official DINO)."""
+    cfg = load(os.path.join(REPO, "configs/coco/dino/dino_R50_4scale_12ep.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+                         "MODEL.DETR.ENC_LAYERS", 1, "MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NUM_QUERIES", 10])
+    t = build_model(cfg).transformer
+    assert len(t.class_embed) == len(t.bbox_embed) == 2 and [t.head_of_layer(i) for i in range(6)] == [0] * 6
+    assert t.class_embed[0].out_features == 91
 
 
 def test_code_defaults_equal_deformable_detr_yaml():
-    """The two-stage Deformable-DETR yaml only restates code defaults of MODEL.DETR."""
+    """The two-stage Deformable-DETR yaml only restates code defaults of MODEL.DETR, but for
+    the COCO class rows (the code default stays a dataset's contiguous classes)."""
     cfg = get_cfg()
     add_detr_config(cfg)
     shipped = load(os.path.join(REPO, "configs/coco/deformable_detr/deformable_detr_R50_two_stage_50ep.yaml"))
-    assert dict(shipped.MODEL.DETR) == dict(cfg.MODEL.DETR)
+    coco_rows = {"NUM_CLASSES": 91, "CLASS_ROWS": "coco_category_id"}
+    assert dict(shipped.MODEL.DETR) == {**dict(cfg.MODEL.DETR), **coco_rows}
 
 
 def test_any_width_resnet_matches_detectron2_and_narrows():

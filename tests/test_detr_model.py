@@ -85,17 +85,56 @@ def test_tiny_dino_overfits_two_images():
 
 
 def test_inference_topk_and_rescaling():
+    """Official post-processing: the top-k (query, class) pairs, boxes = normalised boxes x the
+    output size, not clipped (boxes crossing the border keep their extent); CLIP_BOXES (ours)
+    clips them to the image as detectron2's detector_postprocess."""
+    torch.manual_seed(0)
     model = build_model(tiny_cfg("TEST.DETECTIONS_PER_IMAGE", "7")).eval()
+    with torch.no_grad():  # boxes that cross the image border
+        model.transformer.bbox_embed[-2].layers[-1].bias.copy_(torch.tensor([0.0, 0.0, 3.0, 3.0]))
     inputs = _inputs(((64, 48),))
     inputs[0].update(height=128, width=96)  # original image twice the network input
     with torch.no_grad():
         (out,) = model(inputs)
+        final = model.detect(model.preprocess_image(inputs)).transformer
     inst = out["instances"]
     assert inst.image_size == (128, 96) and len(inst) == 7
     assert inst.scores.shape == (7,) and bool((inst.scores[:-1] >= inst.scores[1:]).all())
     assert inst.pred_classes.max() < 5
-    boxes = inst.pred_boxes.tensor
+    query = final.final_scores[0].flatten().topk(7).indices // 5
+    cx, cy, w, h = final.final_boxes[0, query].unbind(-1)
+    expected = torch.stack([(cx - w / 2) * 96, (cy - h / 2) * 128, (cx + w / 2) * 96, (cy + h / 2) * 128], -1)
+    assert torch.allclose(inst.pred_boxes.tensor, expected, atol=1e-4)
+    assert (inst.pred_boxes.tensor < 0).any(), "the test needs boxes crossing the border"
+    model.clip_boxes = True
+    with torch.no_grad():
+        (clipped,) = model(inputs)
+    boxes = clipped["instances"].pred_boxes.tensor
     assert (boxes[:, 0::2] <= 96).all() and (boxes[:, 1::2] <= 128).all() and (boxes >= 0).all()
+
+
+def test_coco_category_rows_targets_and_detections():
+    """CLASS_ROWS coco_category_id (the official 91-row heads): GT classes become COCO category
+    ids, detections map back to detectron2's contiguous classes and rows of no COCO category
+    are dropped after the top-k (as COCO evaluation ignores them)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("MODEL.DETR.NUM_CLASSES", "91", "MODEL.DETR.CLASS_ROWS", "coco_category_id",
+                                 "TEST.DETECTIONS_PER_IMAGE", "10")).eval()
+    inputs = _inputs()
+    targets = model.prepare_targets(inputs, [(64, 64), (48, 64)])
+    assert targets[0]["labels"].tolist() == [1, 4]  # person, motorcycle
+    with torch.no_grad():
+        for head in model.transformer.class_embed:
+            head.bias[12] = 30.0  # no COCO category: the best rows, dropped
+            head.bias[90] = 20.0  # toothbrush: contiguous class 79
+        (out, _) = model(inputs)
+    inst = out["instances"]
+    assert 0 < len(inst) < 10 and set(inst.pred_classes.tolist()) == {79}
+
+
+def test_coco_category_rows_need_91_rows():
+    with pytest.raises(ValueError, match="CLASS_ROWS 'coco_category_id' needs NUM_CLASSES 91"):
+        build_model(tiny_cfg("MODEL.DETR.CLASS_ROWS", "coco_category_id"))
 
 
 def test_default_predictor_and_coco_evaluator(tmp_path):

@@ -25,11 +25,20 @@ def _targets():
     ]
 
 
+def test_denoising_group_count_is_the_official_rule():
+    """official prepare_for_cdn: n = 2 * dn_number; n // (2 * most GTs) groups when n >= 100,
+    else n groups (whatever the GT count); at least one."""
+    def groups(num_dn, max_gt):
+        return ContrastiveDenoising(num_classes=3, embed_dim=D, num_dn=num_dn).num_groups(max_gt)
+    assert [groups(100, m) for m in (1, 3, 7, 100, 101)] == [100, 33, 14, 1, 1]
+    assert [groups(50, 3), groups(49, 3), groups(10, 3), groups(1, 60)] == [16, 98, 20, 2]
+
+
 def test_denoising_groups_counts_indices_and_noise():
     torch.manual_seed(0)
-    dn = ContrastiveDenoising(num_classes=3, embed_dim=D, num_dn=7, label_noise=0.0, box_noise=0.4)
+    dn = ContrastiveDenoising(num_classes=3, embed_dim=D, num_dn=1, label_noise=0.0, box_noise=0.4)
     q = dn(_targets())
-    # M = 3 GTs at most -> 7 // 3 = 2 groups of 2M = 6 queries
+    # dn_number 1 -> 2 groups of 2M = 6 queries (M = 3 GTs at most)
     assert (q.num_groups, q.group_size, q.num_queries) == (2, 6, 12)
     assert q.content.shape == (2, 12, D) and q.boxes_unact.shape == (2, 12, 4)
     assert q.indices[0][0].tolist() == [0, 1, 2, 6, 7, 8] and q.indices[0][1].tolist() == [0, 1, 2, 0, 1, 2]
@@ -95,10 +104,12 @@ def test_one2many_queries_only_in_training():
 @pytest.mark.parametrize("variant", [DINO, dict(mixed_selection=True, look_forward_twice=True), dict(two_stage=False)],
                          ids=["dino", "h_detr", "deformable_detr"])
 def test_padding_invariance(variant):
-    """Image 0 alone vs the same features padded (with garbage) in a batch next to a
-    larger image: identical queries, boxes, scores and encoder memory."""
+    """With our two options (padded tokens never selected, DINO's query position from the
+    image-normalised reference; the official code does neither): image 0 alone vs the same
+    features padded (with garbage) in a batch next to a larger image give identical queries,
+    boxes, scores and encoder memory."""
     torch.manual_seed(0)
-    t = _transformer(**variant).double().eval()
+    t = _transformer(**variant, proposals_valid_only=True, query_pos_reference="image").double().eval()
     small, large = [(8, 6), (4, 3), (2, 2)], [(10, 12), (5, 6), (3, 3)]
     alone = [torch.randn(1, D, h, w, dtype=torch.float64) for h, w in small]
     batch = [torch.randn(2, D, h, w, dtype=torch.float64) * 5 for h, w in large]
@@ -116,8 +127,8 @@ def test_padding_invariance(variant):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), f"{name}: max diff {(a - b).abs().max()}"
     for lvl, (h, w) in enumerate(small):
         assert torch.allclose(out_a.level_maps()[lvl][0], out_b.level_maps()[lvl][0, :, :h, :w], atol=1e-5, rtol=0)
-    if out_a.enc_logits is not None:
-        assert torch.allclose(out_a.enc_logits[0], out_b.enc_logits[0], atol=1e-5, rtol=0)
+    if out_a.proposals is not None:
+        assert torch.allclose(out_a.proposals.selected_logits[0], out_b.proposals.selected_logits[0], atol=1e-5, rtol=0)
 
 
 def test_dn_queries_do_not_change_matching_outputs():
@@ -155,7 +166,8 @@ def test_encode_select_decode_stages_equal_the_one_call_output(variant):
         assert torch.equal(getattr(decoded, name), getattr(one_call, name)), name
     assert queries.query_groups == one_call.query_groups
     if variant is DINO:
-        assert torch.equal(queries.enc_logits, one_call.enc_logits)
+        assert torch.equal(queries.proposals.index, one_call.proposals.index)
+        assert torch.equal(queries.proposals.logits, one_call.proposals.logits)
         assert one_call.query_groups["dn"] == slice(0, dn.num_queries)
 
 

@@ -1,19 +1,31 @@
-"""Convert public DETR checkpoints (detrex, original Deformable-DETR / H-DETR repos) to
-maskfrozen's ``DeformableDETRFamily`` parameter names.
+"""Convert public DETR checkpoints (detrex, the official Deformable-DETR, H-DETR and DINO
+repositories) to maskfrozen's ``DeformableDETRFamily`` parameter names.
 
 Each source format is an explicit table of ``(pattern, replacement)`` rows, tried in
 order; the first matching row renames the key (``None`` drops it: aliases such as
-detrex's ``transformer.decoder.class_embed.*``, which duplicate ``class_embed.*``).
+``transformer.decoder.class_embed.*``, which duplicate ``class_embed.*`` in every format).
 A replacement may be a tuple of alternatives: the first that exists in the target
-model wins (``query_embedding`` is the content embedding of a mixed-selection model
-but the (pos, content) embedding of a one-stage one).
+model wins (``query_embed`` is the content embedding of a mixed-selection model but the
+(pos, content) embedding of a one-stage one).
 
-Checks: every converted tensor must have the target's shape (else ``ValueError``,
-listing every mismatch); 91-row class heads of the original repos (COCO category ids
-0..90) are sliced to detectron2's 80 contiguous classes; the report lists source keys
-left unused and target keys left without a value, and how many tensors were converted of
-how many (``ConversionReport.check_coverage`` refuses a conversion that mapped too little:
-the mark of a wrong ``source_format`` or a checkpoint of another model).
+Prediction heads: ``{L}`` (= decoder layers) in a replacement is our encoder-proposal head,
+the last entry of ``transformer.class_embed`` / ``bbox_embed``. When the target shares one head
+by every decoder layer (``SHARE_DECODER_HEADS``, the official DINO), the checkpoint's per-layer
+copies ``class_embed.{1..L-1}`` must equal ``class_embed.0`` and are dropped as aliases (a
+checkpoint with distinct per-layer heads is refused: build the model without sharing).
+
+Class heads are kept whole: the official repositories' 91 rows (COCO category ids 0..90) rank
+the two-stage proposals (Deformable-DETR and H-DETR by row 0, DINO by the best row) and enter
+the top-k of the post-processing; build the model with ``NUM_CLASSES 91`` and
+``CLASS_ROWS coco_category_id`` (the shipped COCO configs). DINO's label embedding has one row
+more than the classes (``dn_labelbook_size + 1``) that the official code never reads (noised
+labels are drawn in 0..90): it is dropped.
+
+Checks: every converted tensor must have the target's shape (else ``ValueError``, listing
+every mismatch); the report lists source keys left unused and target keys left without a
+value, and how many tensors were converted of how many (``ConversionReport.check_coverage``
+refuses a conversion that mapped too little: the mark of a wrong ``source_format`` or a
+checkpoint of another model).
 """
 import re
 from dataclasses import dataclass, field
@@ -107,16 +119,15 @@ ORIGINAL_DEFORMABLE_TABLE: List[Tuple[str, Replacement]] = [
     (r"^bbox_embed\.(\d+)\.layers\.(\d+)\.(weight|bias)$", r"transformer.bbox_embed.\1.layers.\2.\3"),
 ]
 
-# IDEA-Research/DINO: Deformable-DETR names plus DINO's parts. ``{L}`` = number of
-# decoder layers (our encoder-proposal head is the last entry of the head lists).
-# Its per-layer heads are usually shared (one tensor under every index): they are
-# copied to each of our (untied) heads.
+# IDEA-Research/DINO: Deformable-DETR names plus DINO's parts. ``{L}`` = our encoder-proposal
+# head. Its decoder heads are shared (one tensor under every index, dec_pred_*_embed_share):
+# index 0 fills our shared head, the others are aliases (see the module doc).
 ORIGINAL_DINO_TABLE: List[Tuple[str, Replacement]] = [
     (r"^transformer\.enc_out_class_embed\.(weight|bias)$", r"transformer.class_embed.{L}.\1"),
     (r"^transformer\.enc_out_bbox_embed\.layers\.(\d+)\.(weight|bias)$", r"transformer.bbox_embed.{L}.layers.\1.\2"),
     (r"^transformer\.tgt_embed\.weight$", "transformer.tgt_embed.weight"),
     (r"^transformer\.decoder\.(ref_point_head\.layers\.\d+|norm)\.(weight|bias)$", r"transformer.decoder.\1.\2"),
-    (r"^label_enc\.weight$", "denoising.label_enc.weight"),
+    (r"^label_enc\.weight$", "denoising.label_enc.weight"),  # its last, never used, row dropped
 ] + ORIGINAL_DEFORMABLE_TABLE
 
 KEY_TABLES: Dict[str, List[Tuple[str, Replacement]]] = {
@@ -144,7 +155,7 @@ class ConversionReport:
     dropped_aliases: List[str] = field(default_factory=list)
     unused_source_keys: List[str] = field(default_factory=list)  # no table row matched
     unmatched_target_keys: List[str] = field(default_factory=list)  # target keys given no value
-    sliced_class_heads: List[str] = field(default_factory=list)
+    sliced_rows: List[str] = field(default_factory=list)  # tensors whose unused last row was dropped
     source_format: str = ""
     num_source_tensors: int = 0  # checkpoint tensors considered (num_batches_tracked excluded)
     num_target_keys: Optional[int] = None  # model keys to fill (num_batches_tracked excluded), when known
@@ -170,8 +181,8 @@ class ConversionReport:
             if self.num_target_keys is not None else ""
         lines = [f"converted {len(self.renamed)} of {self.num_source_tensors} checkpoint tensors{model}, "
                  f"dropped {len(self.dropped_aliases)} aliases"]
-        if self.sliced_class_heads:
-            lines.append(f"sliced 91 -> 80 classes: {', '.join(self.sliced_class_heads)}")
+        if self.sliced_rows:
+            lines.append(f"dropped the unused last row of: {', '.join(self.sliced_rows)}")
         for title, keys in (("unused source keys", self.unused_source_keys),
                             ("target keys without a value", self.unmatched_target_keys)):
             lines.append(f"{title}: {len(keys)}")
@@ -179,8 +190,28 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _indices(keys, pattern: str) -> set:
+    return {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
+
+
+def num_decoder_layers_of(keys) -> Optional[int]:
+    """Decoder layers of a state dict (the official, detrex and our names), None if none."""
+    layers = _indices(keys, r"^transformer\.decoder\.layers\.(\d+)\.")
+    return max(layers) + 1 if layers else None
+
+
+def _head_layout(target_keys: Optional[set], num_decoder_layers: int) -> Tuple[int, bool]:
+    """(index of our encoder-proposal head, whether one head serves every decoder layer)."""
+    heads = _indices(target_keys or (), r"^transformer\.class_embed\.(\d+)\.")
+    if not heads:
+        return num_decoder_layers, False
+    layers = num_decoder_layers_of(target_keys) or num_decoder_layers
+    return max(heads), len(heads) < layers
+
+
 def _rename(key: str, table, target_keys: Optional[set], num_decoder_layers: int) -> Tuple[bool, Optional[str]]:
     """(matched, new key or None when dropped)."""
+    enc_head, shared = _head_layout(target_keys, num_decoder_layers)
     for pattern, replacement in table:
         m = re.match(pattern, key)
         if m is None:
@@ -189,7 +220,8 @@ def _rename(key: str, table, target_keys: Optional[set], num_decoder_layers: int
             return True, None
         if callable(replacement):
             return True, replacement(m)
-        expand = lambda r: m.expand(r).replace("{L}", str(num_decoder_layers))  # noqa: E731
+        expand = lambda r: _head_index(m.expand(r).replace("{L}", str(num_decoder_layers)),  # noqa: E731
+                                       num_decoder_layers, enc_head, shared)
         if isinstance(replacement, tuple):
             options = [expand(r) for r in replacement]
             chosen = [o for o in options if target_keys is None or o in target_keys]
@@ -198,12 +230,40 @@ def _rename(key: str, table, target_keys: Optional[set], num_decoder_layers: int
     return False, None
 
 
-def _maybe_slice_classes(key: str, value: torch.Tensor, target_shape, report: ConversionReport) -> torch.Tensor:
-    # heads indexed by COCO category id: 91 rows (ids 0..90), DINO's label_enc 92
-    is_class_head = re.match(r"^(transformer\.class_embed\.\d+\.(weight|bias)|denoising\.label_enc\.weight)$", key)
-    if is_class_head and value.shape[0] in (91, 92) and (target_shape is None or target_shape[0] == 80):
-        report.sliced_class_heads.append(key)
-        return value[coco_contiguous_ids()]
+def _head_index(new_key: str, num_decoder_layers: int, enc_head: int, shared: bool) -> Optional[str]:
+    """Our name of a head tensor: the checkpoint's index L (the encoder head) becomes ours;
+    with shared decoder heads every decoder index becomes 0 (None for 1..L-1: an alias)."""
+    m = re.match(r"^transformer\.(class_embed|bbox_embed)\.(\d+)\.(.*)$", new_key)
+    if m is None:
+        return new_key
+    index = int(m.group(2))
+    if index == num_decoder_layers:
+        index = enc_head
+    elif shared:
+        if index > 0:
+            return None
+    return f"transformer.{m.group(1)}.{index}.{m.group(3)}"
+
+
+def _check_shared_heads(source: Mapping[str, torch.Tensor], dropped: List[str]) -> None:
+    """Dropped per-layer head copies must equal head 0 (the official DINO shares them)."""
+    differing = []
+    for key in dropped:
+        m = re.match(r"^((?:class_embed|bbox_embed)\.)(\d+)(\..*)$", key)  # the top-level heads only
+        first = m and f"{m.group(1)}0{m.group(3)}"
+        if first and first in source and not torch.equal(source[key], source[first]):
+            differing.append(key)
+    if differing:
+        raise ValueError(f"the model shares one class / box head by every decoder layer (MODEL.DETR.SHARE_DECODER_HEADS "
+                         f"True) but the checkpoint's per-layer heads differ ({', '.join(differing[:3])}): set "
+                         f"MODEL.DETR.SHARE_DECODER_HEADS False")
+
+
+def _drop_unused_last_row(key: str, value: torch.Tensor, target_shape, report: ConversionReport) -> torch.Tensor:
+    """DINO's label embedding: ``dn_labelbook_size + 1`` rows, the last never drawn."""
+    if key == "denoising.label_enc.weight" and target_shape is not None and value.shape[0] == target_shape[0] + 1:
+        report.sliced_rows.append(key)
+        return value[:-1]
     return value
 
 
@@ -213,28 +273,34 @@ def convert_detr_state_dict(
     target: Optional[Mapping[str, torch.Tensor]] = None,
     num_decoder_layers: int = 6,
 ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
-    """Rename (and slice) a public DETR ``state_dict`` for ``DeformableDETR``.
+    """Rename a public DETR ``state_dict`` for ``DeformableDETRFamily``.
 
     Args:
         source: the checkpoint's model state_dict (tensors).
         source_format: "detrex", "original" (Deformable-DETR / H-DETR repos) or
             "original_dino" (IDEA-Research/DINO), see ``KEY_TABLES``.
         target: the target model's state_dict; when given, shapes are checked, the
-            unmatched target keys are reported and alternative names are resolved.
+            unmatched target keys are reported, alternative names and the head layout
+            (shared decoder heads, index of the encoder head) are resolved.
+        num_decoder_layers: the checkpoint's decoder layers (its encoder head's index) when
+            its keys do not tell (they do whenever it holds a decoder layer).
 
     Raises:
-        ValueError: unknown format, two source keys mapped to one target key, or any
-            shape mismatch with ``target`` (all listed).
+        ValueError: unknown format, two source keys mapped to one target key, any shape
+            mismatch with ``target`` (all listed), per-layer heads into a shared head.
     """
     if source_format not in KEY_TABLES:
         raise ValueError(f"unknown checkpoint format {source_format!r}; expected one of {sorted(KEY_TABLES)}")
     table = KEY_TABLES[source_format]
     target_keys = set(target) if target is not None else None
+    num_decoder_layers = num_decoder_layers_of(source) or num_decoder_layers
     report = ConversionReport(source_format=source_format)
     converted = convert_by_table(
         source, lambda key: _rename(key, table, target_keys, num_decoder_layers), report, target,
-        transform=lambda key, new_key, value, shape: _maybe_slice_classes(new_key, value, shape, report),
-        shape_hint="NUM_CLASSES, NUM_QUERIES, HIDDEN_DIM, layers, variant options")
+        transform=lambda key, new_key, value, shape: _drop_unused_last_row(new_key, value, shape, report),
+        shape_hint="NUM_CLASSES (91 for the official checkpoints), NUM_QUERIES (+ NUM_QUERIES_ONE2MANY), HIDDEN_DIM, "
+                   "layers, variant options")
+    _check_shared_heads(source, report.dropped_aliases)
     finish_report(report, converted, target)
     return converted, report
 

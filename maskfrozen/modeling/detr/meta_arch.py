@@ -23,17 +23,18 @@ Training extensions (e.g. Co-DETR's auxiliary heads) attach through the registry
 its registered name and called only by ``losses`` in training (extra losses and query-set
 entries); inference never runs one, and this module names none of them.
 """
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from maskfrozen.checkpoint.detr_converter import coco_contiguous_ids
 from maskfrozen.modeling.inputs import normalized_image_batch
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from maskfrozen.layers.position_encoding import PositionEmbeddingSine
@@ -45,6 +46,10 @@ from .denoising import ContrastiveDenoising, DenoisingQueries
 from .extensions import build_detr_extensions
 from .neck import ChannelMapper
 from .transformer import DeformableTransformer, DeformableTransformerOutput
+
+CLASS_ROWS = ("contiguous", "coco_category_id")
+LEVEL_MASKS = ("interpolate", "ceil")
+ENC_LOSS_TOKENS = ("all", "selected")
 
 __all__ = ["DeformableDETRFamily", "DeformableDETR", "DetectorOutputs"]
 
@@ -81,12 +86,16 @@ class DeformableDETRFamily(nn.Module):
         denoising: Optional[ContrastiveDenoising],
         pixel_mean: List[float],
         pixel_std: List[float],
-        size_divisibility: int = 32,
+        size_divisibility: int = 0,
         test_topk: int = 100,
         enc_class_agnostic: bool = True,
         one2many_repeats: int = 6,
         one2many_weight: float = 1.0,
         extensions: Optional[Dict[str, Optional[nn.Module]]] = None,
+        class_rows: Optional[List[int]] = None,
+        level_masks: str = "interpolate",
+        enc_loss_tokens: str = "all",
+        clip_boxes: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -100,6 +109,11 @@ class DeformableDETRFamily(nn.Module):
         self.test_topk = test_topk
         self.enc_class_agnostic = enc_class_agnostic
         self.one2many_repeats, self.one2many_weight = one2many_repeats, one2many_weight
+        if level_masks not in LEVEL_MASKS or enc_loss_tokens not in ENC_LOSS_TOKENS:
+            raise ValueError(f"level_masks must be one of {LEVEL_MASKS} (got {level_masks!r}), enc_loss_tokens one of "
+                             f"{ENC_LOSS_TOKENS} (got {enc_loss_tokens!r})")
+        self.level_masks, self.enc_loss_tokens, self.clip_boxes = level_masks, enc_loss_tokens, clip_boxes
+        self.set_class_rows(class_rows)
         self.extension_names = list(extensions or {})  # training-only modules (.extensions)
         for name, module in (extensions or {}).items():
             if hasattr(self, name):
@@ -116,42 +130,20 @@ class DeformableDETRFamily(nn.Module):
         d = cfg.MODEL.DETR
         backbone = build_backbone(cfg)
         shape = backbone.output_shape()
-        missing = [f for f in d.IN_FEATURES if f not in shape]
-        if missing:
-            raise ValueError(f"MODEL.DETR.IN_FEATURES {missing} not produced by the backbone (it gives {sorted(shape)})")
-        num_extra = d.NUM_FEATURE_LEVELS - len(d.IN_FEATURES)
-        if num_extra < 0:
-            raise ValueError(f"MODEL.DETR.NUM_FEATURE_LEVELS={d.NUM_FEATURE_LEVELS} < len(IN_FEATURES)={len(d.IN_FEATURES)}")
-        if d.NUM_QUERIES < 1:
-            raise ValueError(f"MODEL.DETR.NUM_QUERIES must be >= 1, got {d.NUM_QUERIES} (the one-to-one queries are "
-                             "the detections)")
-        if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
-            raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
-        matcher = HungarianMatcher(
-            {"class": d.CLASS_COST_WEIGHT, "bbox": d.BBOX_COST_WEIGHT, "giou": d.GIOU_COST_WEIGHT},
-            focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
-        criterion = SetCriterion(
-            matcher, {"loss_class": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT},
-            losses=("labels", "boxes"), focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
-        transformer = DeformableTransformer(
-            num_classes=d.NUM_CLASSES, d_model=d.HIDDEN_DIM, nhead=d.NHEADS, num_encoder_layers=d.ENC_LAYERS,
-            num_decoder_layers=d.DEC_LAYERS, dim_feedforward=d.DIM_FEEDFORWARD, dropout=d.DROPOUT,
-            activation=d.ACTIVATION, num_feature_levels=d.NUM_FEATURE_LEVELS, enc_n_points=d.ENC_N_POINTS,
-            dec_n_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_queries_one2many=d.NUM_QUERIES_ONE2MANY,
-            two_stage=d.TWO_STAGE, box_refine=d.BOX_REFINE, mixed_selection=d.MIXED_SELECTION,
-            query_pos=d.QUERY_POS, look_forward_twice=d.LOOK_FORWARD_TWICE,
-            decoder_final_norm=d.DECODER_FINAL_NORM, proposal_score="first" if d.ENC_CLASS_AGNOSTIC else "max")
+        num_extra = _check_detr_config(cfg, shape)
         denoising = None
         if d.DN_NUMBER > 0:
-            denoising = ContrastiveDenoising(d.NUM_CLASSES, d.HIDDEN_DIM, d.DN_NUMBER, d.DN_LABEL_NOISE, d.DN_BOX_NOISE)
+            denoising = ContrastiveDenoising(d.NUM_CLASSES, d.HIDDEN_DIM, d.DN_NUMBER, d.DN_LABEL_NOISE, d.DN_BOX_NOISE,
+                                             d.INVERSE_SIGMOID_EPS)
+        strides = [shape[f].stride for f in d.IN_FEATURES]
         return {
             "backbone": backbone,
             "in_features": d.IN_FEATURES,
             "neck": ChannelMapper([shape[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM, num_extra, d.GN_GROUPS),
             "position_embedding": PositionEmbeddingSine(
                 d.HIDDEN_DIM // 2, d.POSITION_TEMPERATURE, normalize=True, offset=d.POSITION_OFFSET),
-            "transformer": transformer,
-            "criterion": criterion,
+            "transformer": _build_transformer(d),
+            "criterion": _build_criterion(d),
             "denoising": denoising,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -160,8 +152,11 @@ class DeformableDETRFamily(nn.Module):
             "enc_class_agnostic": d.ENC_CLASS_AGNOSTIC,
             "one2many_repeats": d.K_ONE2MANY,
             "one2many_weight": d.LAMBDA_ONE2MANY,
-            "extensions": build_detr_extensions(cfg, [shape[f].stride for f in d.IN_FEATURES] + [
-                shape[d.IN_FEATURES[-1]].stride * 2 ** (i + 1) for i in range(num_extra)]),
+            "extensions": build_detr_extensions(cfg, strides + [strides[-1] * 2 ** (i + 1) for i in range(num_extra)]),
+            "class_rows": coco_contiguous_ids() if d.CLASS_ROWS == "coco_category_id" else None,
+            "level_masks": d.LEVEL_MASKS,
+            "enc_loss_tokens": d.ENC_LOSS_TOKENS,
+            "clip_boxes": d.CLIP_BOXES,
         }
 
     @property
@@ -181,6 +176,29 @@ class DeformableDETRFamily(nn.Module):
     def matcher(self) -> HungarianMatcher:
         return self.criterion.matcher
 
+    # ------------------------------------------------------------------ class rows
+    def set_class_rows(self, class_rows: Optional[List[int]]) -> None:
+        """``class_rows[k]`` = the class-head row of dataset class k (None: row k is class k).
+        With a mapping (the official 91-row heads: row = COCO category id), targets are given
+        as rows and detections are mapped back, rows of no dataset class dropped."""
+        num_rows = self.transformer.num_classes
+        if class_rows is None:
+            self.row_of_class = self.class_of_row = None
+            return
+        if len(set(class_rows)) != len(class_rows) or not all(0 <= r < num_rows for r in class_rows):
+            raise ValueError(f"class rows must be distinct rows of the {num_rows}-row class heads, got {class_rows}")
+        self.row_of_class = torch.as_tensor(class_rows, dtype=torch.int64)
+        self.class_of_row = torch.full((num_rows,), -1, dtype=torch.int64)
+        self.class_of_row[self.row_of_class] = torch.arange(len(class_rows))
+
+    def classes_of_rows(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(dataset class, kept) of class-head rows: ``kept`` is False for a row that is no
+        class of the dataset (such detections are dropped)."""
+        if self.class_of_row is None:
+            return rows, torch.ones_like(rows, dtype=torch.bool)
+        classes = self.class_of_row.to(rows.device)[rows]
+        return classes, classes >= 0
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
@@ -197,30 +215,45 @@ class DeformableDETRFamily(nn.Module):
         with ``targets`` in training, DINO's denoising queries join the decoder."""
         features = self.backbone(images.tensor)
         srcs = self.neck([features[f] for f in self.in_features])
-        masks = [self.level_padding_mask(images, src.shape[-2:], s) for src, s in zip(srcs, self.level_strides)]
+        image_mask = self.image_padding_mask(images)
+        masks = [self.level_padding_mask(images, image_mask, src.shape[-2:], s) for src, s in zip(srcs, self.level_strides)]
         pos = [self.position_embedding(m).to(src.dtype) for m, src in zip(masks, srcs)]
         use_denoising = self.denoising is not None and targets is not None and self.training
         denoising = self.denoising(targets) if use_denoising else None
         return DetectorOutputs(images, features, self.transformer(srcs, masks, pos, denoising), denoising)
 
-    def level_padding_mask(self, images: ImageList, size, stride: int) -> torch.Tensor:
-        """``[N, H_l, W_l]`` True outside ceil(image size / stride): exactly the cells a
-        stride-s conv stack computes from the unpadded image."""
+    def image_padding_mask(self, images: ImageList) -> torch.Tensor:
+        """``[N, H, W]`` True on the padding of the batch image."""
+        mask = torch.ones(len(images), *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = False
+        return mask
+
+    def level_padding_mask(self, images: ImageList, image_mask: torch.Tensor, size, stride: int) -> torch.Tensor:
+        """``[N, H_l, W_l]`` padding mask of a level: the image's mask resized (nearest) to the
+        level, as the official code ("interpolate"), or True outside ceil(image size / stride),
+        exactly the cells a stride-s conv stack computes from the unpadded image ("ceil")."""
+        if self.level_masks == "interpolate":
+            return F.interpolate(image_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
         mask = torch.ones(len(images), *size, dtype=torch.bool, device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):
-            mask[i, : math.ceil(h / stride), : math.ceil(w / stride)] = False
+            mask[i, : -(-h // stride), : -(-w // stride)] = False
         return mask
 
     def prepare_targets(self, batched_inputs: List[Dict], image_sizes) -> List[Dict[str, torch.Tensor]]:
-        """GT classes and boxes normalised (cx, cy, w, h) by the unpadded image size."""
+        """GT labels (the class-head rows of the GT classes) and boxes normalised (cx, cy, w, h)
+        by the unpadded image size."""
         targets = []
         for x, (h, w) in zip(batched_inputs, image_sizes):
             if "instances" not in x:
                 raise KeyError(f"{type(self).__name__} training needs 'instances' in every input dict")
             inst = x["instances"].to(self.device)
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor / scale)
-            targets.append({"labels": inst.gt_classes.long(), "boxes": boxes})
+            gt = inst.gt_boxes.tensor
+            scale = torch.tensor([w, h, w, h], dtype=gt.dtype, device=self.device)
+            labels = inst.gt_classes.long()
+            if self.row_of_class is not None:
+                labels = self.row_of_class.to(labels.device)[labels]
+            targets.append({"labels": labels, "boxes": box_xyxy_to_cxcywh(gt / scale)})
         return targets
 
     # ------------------------------------------------------------------ losses
@@ -236,9 +269,12 @@ class DeformableDETRFamily(nn.Module):
         one-to-many, each one entry of the shared criterion)."""
         out, denoising = detected.transformer, detected.denoising
         sets = [QuerySet(self.group_outputs(out, "one2one"))]
-        if out.enc_logits is not None:
+        if out.proposals is not None:
+            p = out.proposals
+            enc = {"pred_logits": p.logits, "pred_boxes": p.boxes} if self.enc_loss_tokens == "all" else \
+                {"pred_logits": p.selected_logits, "pred_boxes": p.selected_boxes}
             enc_targets = class_agnostic_targets(targets) if self.enc_class_agnostic else None
-            sets.append(QuerySet({"pred_logits": out.enc_logits, "pred_boxes": out.enc_boxes}, "_enc", enc_targets))
+            sets.append(QuerySet(enc, "_enc", enc_targets))
         if denoising is not None:
             sets.append(QuerySet(self.group_outputs(out, "dn"), "_dn", indices=denoising.indices,
                                  normalizer=denoising.num_groups))
@@ -262,19 +298,70 @@ class DeformableDETRFamily(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def inference(self, out: DeformableTransformerOutput, batched_inputs: List[Dict], image_sizes) -> List[Dict]:
-        """Top-k over queries x classes of the last layer's one-to-one queries."""
-        scores_all, boxes_all = out.final_scores, out.final_boxes
+        """Top-k over queries x class rows of the last layer's one-to-one queries (official
+        post-processing: boxes scaled to the requested output size, not clipped); rows of no
+        dataset class dropped. ``clip_boxes`` (ours): detectron2's ``detector_postprocess``
+        (boxes clipped to the image, empty ones dropped)."""
         results = []
-        for scores, boxes, x, (h, w) in zip(scores_all, boxes_all, batched_inputs, image_sizes):
-            query, label, score = top_query_class_pairs(scores, self.test_topk)
-            xyxy = box_cxcywh_to_xyxy(boxes[query]) * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            inst = Instances((h, w))
-            inst.pred_boxes = Boxes(xyxy)
-            inst.pred_boxes.clip((h, w))
+        for scores, boxes, x, (h, w) in zip(out.final_scores, out.final_boxes, batched_inputs, image_sizes):
+            query, row, score = top_query_class_pairs(scores, self.test_topk)
+            classes, kept = self.classes_of_rows(row)
+            query, classes, score = query[kept], classes[kept], score[kept]
+            out_h, out_w = x.get("height", h), x.get("width", w)
+            size = (h, w) if self.clip_boxes else (out_h, out_w)
+            scale = torch.tensor([size[1], size[0], size[1], size[0]], dtype=boxes.dtype, device=boxes.device)
+            inst = Instances(size)
+            inst.pred_boxes = Boxes(box_cxcywh_to_xyxy(boxes[query]) * scale)
             inst.scores = score
-            inst.pred_classes = label
-            results.append({"instances": detector_postprocess(inst, x.get("height", h), x.get("width", w))})
+            inst.pred_classes = classes
+            results.append({"instances": detector_postprocess(inst, out_h, out_w) if self.clip_boxes else inst})
         return results
+
+
+def _check_detr_config(cfg, shape) -> int:
+    """Config errors that the modules would only reveal later; returns the extra levels."""
+    d = cfg.MODEL.DETR
+    missing = [f for f in d.IN_FEATURES if f not in shape]
+    if missing:
+        raise ValueError(f"MODEL.DETR.IN_FEATURES {missing} not produced by the backbone (it gives {sorted(shape)})")
+    num_extra = d.NUM_FEATURE_LEVELS - len(d.IN_FEATURES)
+    if num_extra < 0:
+        raise ValueError(f"MODEL.DETR.NUM_FEATURE_LEVELS={d.NUM_FEATURE_LEVELS} < len(IN_FEATURES)={len(d.IN_FEATURES)}")
+    if d.NUM_QUERIES < 1:
+        raise ValueError(f"MODEL.DETR.NUM_QUERIES must be >= 1, got {d.NUM_QUERIES} (the one-to-one queries are "
+                         "the detections)")
+    if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
+        raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
+    for key, allowed in (("CLASS_ROWS", CLASS_ROWS), ("LEVEL_MASKS", LEVEL_MASKS), ("ENC_LOSS_TOKENS", ENC_LOSS_TOKENS)):
+        if d[key] not in allowed:
+            raise ValueError(f"MODEL.DETR.{key} must be one of {list(allowed)}, got {d[key]!r}")
+    if d.CLASS_ROWS == "coco_category_id" and d.NUM_CLASSES != 91:
+        raise ValueError(f"MODEL.DETR.CLASS_ROWS 'coco_category_id' needs NUM_CLASSES 91 (a row per COCO category id "
+                         f"0..90, as the official checkpoints), got {d.NUM_CLASSES}; for a dataset of your own set "
+                         f"CLASS_ROWS 'contiguous' and NUM_CLASSES to its class count")
+    return num_extra
+
+
+def _build_transformer(d) -> DeformableTransformer:
+    return DeformableTransformer(
+        num_classes=d.NUM_CLASSES, d_model=d.HIDDEN_DIM, nhead=d.NHEADS, num_encoder_layers=d.ENC_LAYERS,
+        num_decoder_layers=d.DEC_LAYERS, dim_feedforward=d.DIM_FEEDFORWARD, dropout=d.DROPOUT,
+        activation=d.ACTIVATION, num_feature_levels=d.NUM_FEATURE_LEVELS, enc_n_points=d.ENC_N_POINTS,
+        dec_n_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_queries_one2many=d.NUM_QUERIES_ONE2MANY,
+        two_stage=d.TWO_STAGE, box_refine=d.BOX_REFINE, mixed_selection=d.MIXED_SELECTION,
+        query_pos=d.QUERY_POS, look_forward_twice=d.LOOK_FORWARD_TWICE, decoder_final_norm=d.DECODER_FINAL_NORM,
+        proposal_score="first" if d.ENC_CLASS_AGNOSTIC else "max", proposals_valid_only=d.PROPOSALS_VALID_ONLY,
+        share_decoder_heads=d.SHARE_DECODER_HEADS, query_pos_reference=d.QUERY_POS_REFERENCE,
+        inverse_sigmoid_eps=d.INVERSE_SIGMOID_EPS)
+
+
+def _build_criterion(d) -> SetCriterion:
+    matcher = HungarianMatcher(
+        {"class": d.CLASS_COST_WEIGHT, "bbox": d.BBOX_COST_WEIGHT, "giou": d.GIOU_COST_WEIGHT},
+        focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
+    return SetCriterion(
+        matcher, {"loss_class": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT},
+        losses=("labels", "boxes"), focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
 
 
 @META_ARCH_REGISTRY.register()

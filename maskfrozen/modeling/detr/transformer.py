@@ -16,16 +16,18 @@ DINO                 True         True        True (tgt_embed) "dynamic"        
 
 "static": the query position comes once from the learned query embedding or from the
 proposal boxes (Linear+LN of their sine embedding); "dynamic" (DINO, conditional):
-each layer recomputes it as MLP(sine(reference box)).
+each layer recomputes it as MLP(sine(reference box)), the reference scaled by level 0's
+valid ratio as in the official DINO (``query_pos_reference="image"``: the image-normalised
+box, padding-invariant). ``share_decoder_heads`` (DINO) uses one class / box head for every
+decoder layer; ``inverse_sigmoid_eps`` is the refinement's logit clamp (DINO 1e-3).
 
-Choices that differ from a public repo (all for padding invariance or cost):
-- the encoder-proposal loss covers the top-k selected proposals (DINO) in every
-  variant; Deformable-DETR / H-DETR supervise all tokens;
-- DINO's dynamic query position embeds the image-normalised reference box, not the
-  box scaled by level 0's valid ratio, so padding does not change it;
-- padded or out-of-range tokens are never selected as proposals (score -inf);
-- an image with fewer encoder tokens than queries selects every token and pads the rest
-  with masked queries (no other query attends to them, they score 0 at inference).
+Two-stage selection ranks every encoder token, as the official code: padded tokens and
+tokens whose proposal lies outside (0.01, 0.99) only get invalid (+inf) boxes
+(``proposals_valid_only`` = ours: they are never selected). An image with fewer encoder
+tokens than queries (the official code fails there) selects every token and pads the rest
+with masked queries (no other query attends to them, they score 0 at inference). The
+encoder proposals of every token stay in the output (:class:`EncoderProposals`) for the
+encoder loss, which covers all tokens (Deformable-DETR, H-DETR) or the selected ones (DINO).
 
 The transformer runs in stages, each with a small structured output, so heads can attach
 to any of them (Co-DETR's auxiliary heads on the memory, extra query groups through the
@@ -55,7 +57,26 @@ from maskfrozen.layers.transformer_blocks import MLP, gather_tokens
 from .denoising import DenoisingQueries
 from .query_groups import query_self_attention_mask, query_slices
 
-__all__ = ["DeformableTransformer", "DeformableTransformerOutput", "DecoderQueries", "DecoderOutput"]
+__all__ = ["DeformableTransformer", "DeformableTransformerOutput", "DecoderQueries", "DecoderOutput",
+           "EncoderProposals"]
+
+
+@dataclass
+class EncoderProposals:
+    """Two-stage proposals of every encoder token and the ones selected as queries."""
+
+    logits: torch.Tensor  # [N, S, K] class logits of every token (the two-stage head)
+    boxes: torch.Tensor  # [N, S, 4] sigmoid boxes (1 where invalid: +inf offsets)
+    index: torch.Tensor  # [N, Q_sel] selected tokens, best first
+    padding: Optional[torch.Tensor] = None  # [N, Q_sel] True = padded selection (too few tokens)
+
+    @property
+    def selected_logits(self) -> torch.Tensor:
+        return gather_tokens(self.logits, self.index)
+
+    @property
+    def selected_boxes(self) -> torch.Tensor:
+        return gather_tokens(self.boxes, self.index)
 
 
 @dataclass
@@ -68,8 +89,7 @@ class DecoderQueries:
     query_pos: Optional[torch.Tensor] = None  # [N, Q, C] static position (None: dynamic, DINO)
     self_attn_mask: Optional[torch.Tensor] = None  # [Q, Q] bool, True = may not attend
     padding: Optional[torch.Tensor] = None  # [N, Q] bool, True = padded query (too few tokens)
-    enc_logits: Optional[torch.Tensor] = None  # [N, Q_sel, K] selected encoder proposals
-    enc_boxes: Optional[torch.Tensor] = None  # [N, Q_sel, 4]
+    proposals: Optional[EncoderProposals] = None  # two-stage: every token's proposal, the selection
 
 
 @dataclass
@@ -92,14 +112,12 @@ class DeformableTransformerOutput(EncoderOutput):
     pred_boxes: torch.Tensor  # [D, N, Q, 4]
     query_groups: Dict[str, slice] = field(default_factory=dict)
     query_padding: Optional[torch.Tensor] = None  # [N, Q] bool, True = padded query
-    enc_logits: Optional[torch.Tensor] = None
-    enc_boxes: Optional[torch.Tensor] = None
+    proposals: Optional[EncoderProposals] = None  # two-stage proposals (see EncoderProposals)
 
     @classmethod
     def assemble(cls, encoded: EncoderOutput, queries: DecoderQueries, decoded: DecoderOutput):
         return cls(**vars(encoded.geometry()), memory=encoded.memory, **vars(decoded),
-                   query_groups=queries.query_groups, query_padding=queries.padding,
-                   enc_logits=queries.enc_logits, enc_boxes=queries.enc_boxes)
+                   query_groups=queries.query_groups, query_padding=queries.padding, proposals=queries.proposals)
 
     @property
     def final_queries(self) -> torch.Tensor:
@@ -161,11 +179,12 @@ def encoder_proposals(encoded: EncoderOutput) -> Tuple[torch.Tensor, torch.Tenso
     return proposals_unact, valid, encoded.memory.masked_fill(~valid[..., None], 0.0)
 
 
-def _apply_box_delta(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """sigmoid(delta + logit(reference)); a 2-D reference only shifts the centre."""
+def _apply_box_delta(delta: torch.Tensor, reference: torch.Tensor, eps: float) -> torch.Tensor:
+    """sigmoid(delta + logit(reference)) (logit clamped by ``eps``); a 2-D reference only
+    shifts the centre."""
     if reference.shape[-1] == 4:
-        return (delta + inverse_sigmoid(reference)).sigmoid()
-    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+        return (delta + inverse_sigmoid(reference, eps)).sigmoid()
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference, eps), delta[..., 2:]], -1).sigmoid()
 
 
 def _scale_reference(reference: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -192,35 +211,40 @@ class DeformableDecoder(nn.Module):
     """Decoder layers + per-layer predictions (iterative refinement, look-forward-twice)."""
 
     def __init__(self, num_layers: int, d_model: int, query_pos: str, final_norm: bool, box_refine: bool,
-                 look_forward_twice: bool, **layer_kwargs):
+                 look_forward_twice: bool, query_pos_reference: str = "level0", inverse_sigmoid_eps: float = 1e-5,
+                 **layer_kwargs):
         super().__init__()
         if query_pos not in ("static", "dynamic"):
             raise ValueError(f"DeformableDecoder: query_pos must be 'static' or 'dynamic', got {query_pos!r}")
+        if query_pos_reference not in ("level0", "image"):
+            raise ValueError(f"DeformableDecoder: query_pos_reference must be 'level0' or 'image', "
+                             f"got {query_pos_reference!r}")
         self.layers = nn.ModuleList(DeformableDecoderLayer(d_model=d_model, **layer_kwargs) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2) if query_pos == "dynamic" else None
         self.d_model = d_model
         self.box_refine = box_refine
         self.look_forward_twice = look_forward_twice
+        self.query_pos_reference = query_pos_reference
+        self.eps = inverse_sigmoid_eps
 
     def forward(self, queries: DecoderQueries, encoded: EncoderOutput, class_embed: nn.ModuleList,
-                bbox_embed: nn.ModuleList) -> DecoderOutput:
+                bbox_embed: nn.ModuleList, head_of_layer=lambda lid: lid) -> DecoderOutput:
         """Run every layer from ``queries`` (two-stage proposals come detached; learned
-        one-stage references keep their gradient). Heads: one per layer with box
-        refinement, else ``[0]`` is shared."""
+        one-stage references keep their gradient); layer ``lid`` predicts with the heads
+        ``class_embed[head_of_layer(lid)]`` / ``bbox_embed[...]``."""
         hidden, logits, boxes = [], [], []
         tgt, reference, query_pos = queries.content, queries.reference, queries.query_pos
         pred_reference = reference
         for lid, layer in enumerate(self.layers):
-            if self.ref_point_head is not None:
-                # DINO embeds the reference scaled to level 0; the image-normalised
-                # reference is used here so padding does not change it
-                query_pos = self.ref_point_head(sine_embedding(reference, self.d_model // 2))
             scaled = _scale_reference(reference, encoded.valid_ratios)
+            if self.ref_point_head is not None:
+                position = scaled[:, :, 0] if self.query_pos_reference == "level0" else reference
+                query_pos = self.ref_point_head(sine_embedding(position, self.d_model // 2))
             tgt = layer(tgt, query_pos, scaled, encoded, queries.self_attn_mask, queries.padding)
             hs = self.norm(tgt)
-            head = lid if self.box_refine else 0
-            boxes.append(_apply_box_delta(bbox_embed[head](hs), pred_reference))
+            head = head_of_layer(lid)
+            boxes.append(_apply_box_delta(bbox_embed[head](hs), pred_reference, self.eps))
             logits.append(class_embed[head](hs))
             hidden.append(hs)
             if self.box_refine:
@@ -232,7 +256,7 @@ class DeformableDecoder(nn.Module):
         un-normed output (DINO); that equals the prediction when there is no final norm
         and the prediction's reference is the detached one."""
         same_as_prediction = hs is tgt and not self.look_forward_twice
-        refined = prediction if same_as_prediction else _apply_box_delta(box_head(tgt), reference)
+        refined = prediction if same_as_prediction else _apply_box_delta(box_head(tgt), reference, self.eps)
         return (refined if self.look_forward_twice else refined.detach()), refined.detach()
 
 
@@ -246,6 +270,9 @@ class DeformableTransformer(nn.Module):
             decoder_final_norm: the variant (see the table above).
         proposal_score: rank encoder proposals by their best class ("max", DINO) or by
             logit 0 ("first", class-agnostic proposals of Deformable-DETR / H-DETR).
+        proposals_valid_only: never select padded / border tokens (ours; official: False).
+        share_decoder_heads: one class / box head for every decoder layer (DINO).
+        query_pos_reference, inverse_sigmoid_eps: see :class:`DeformableDecoder`.
 
     Parameters named as in detrex where the structure matches (``level_embeds``,
     ``tgt_embed``, ``enc_output(_norm)``, ``class_embed.{i}``, ``bbox_embed.{i}``; the
@@ -274,6 +301,10 @@ class DeformableTransformer(nn.Module):
         look_forward_twice: bool = False,
         decoder_final_norm: bool = False,
         proposal_score: str = "max",
+        proposals_valid_only: bool = False,
+        share_decoder_heads: bool = False,
+        query_pos_reference: str = "level0",
+        inverse_sigmoid_eps: float = 1e-5,
         prior_prob: float = 0.01,
     ):
         super().__init__()
@@ -286,12 +317,14 @@ class DeformableTransformer(nn.Module):
         self.d_model, self.num_classes = d_model, num_classes
         self.num_queries, self.num_queries_one2many = num_queries, num_queries_one2many
         self.two_stage, self.mixed_selection, self.query_pos_mode = two_stage, mixed_selection, query_pos
-        self.proposal_score = proposal_score
+        self.proposal_score, self.proposals_valid_only = proposal_score, proposals_valid_only
+        self.per_layer_heads = box_refine and not share_decoder_heads
         layer_kwargs = dict(nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
                             num_levels=num_feature_levels)
         self.encoder = DeformableEncoder(num_encoder_layers, d_model=d_model, num_points=enc_n_points, **layer_kwargs)
         self.decoder = DeformableDecoder(num_decoder_layers, d_model, query_pos, decoder_final_norm, box_refine,
-                                         look_forward_twice, num_points=dec_n_points, **layer_kwargs)
+                                         look_forward_twice, query_pos_reference, inverse_sigmoid_eps,
+                                         num_points=dec_n_points, **layer_kwargs)
         self.level_embeds = nn.Parameter(torch.empty(num_feature_levels, d_model))
         total_queries = num_queries + num_queries_one2many
         if two_stage:
@@ -305,7 +338,7 @@ class DeformableTransformer(nn.Module):
         else:
             self.query_embed = nn.Embedding(total_queries, 2 * d_model)
             self.reference_points = nn.Linear(d_model, 2)
-        num_heads = (num_decoder_layers if box_refine else 1) + int(two_stage)
+        num_heads = (num_decoder_layers if self.per_layer_heads else 1) + int(two_stage)
         self.class_embed = nn.ModuleList(nn.Linear(d_model, num_classes) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(MLP(d_model, d_model, 4, 3) for _ in range(num_heads))
         self._reset_parameters(prior_prob, two_stage)
@@ -361,7 +394,11 @@ class DeformableTransformer(nn.Module):
 
     def decode(self, encoded: EncoderOutput, queries: DecoderQueries) -> DecoderOutput:
         """Run the decoder and its per-layer heads on ``queries`` over the memory."""
-        return self.decoder(queries, encoded, self.class_embed, self.bbox_embed)
+        return self.decoder(queries, encoded, self.class_embed, self.bbox_embed, self.head_of_layer)
+
+    def head_of_layer(self, lid: int) -> int:
+        """Index in ``class_embed`` / ``bbox_embed`` of decoder layer ``lid``'s heads."""
+        return lid if self.per_layer_heads else 0
 
     def forward(self, srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor],
                 denoising: Optional[DenoisingQueries] = None) -> DeformableTransformerOutput:
@@ -371,18 +408,21 @@ class DeformableTransformer(nn.Module):
         return DeformableTransformerOutput.assemble(encoded, queries, self.decode(encoded, queries))
 
     # ------------------------------------------------------------------ query selection
-    def _select_proposals(self, encoded: EncoderOutput, num_select: int):
-        """Top-scoring encoder proposals: their heads' outputs (for the encoder loss), the
-        detached boxes that become the decoder's initial references, the padding mask."""
+    def _select_proposals(self, encoded: EncoderOutput, num_select: int) -> Tuple[EncoderProposals, torch.Tensor]:
+        """Every token's proposal (the two-stage heads on the memory) and the top-scoring
+        ones; returns them with the selected boxes' logits, detached (the decoder's initial
+        references)."""
         proposals_unact, valid, out_memory = encoder_proposals(encoded)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_logits = self.class_embed[-1](out_memory)
         enc_boxes_unact = self.bbox_embed[-1](out_memory) + proposals_unact
         # "first": class-agnostic proposals are ranked by logit 0 (Deformable-DETR, H-DETR)
         scores = enc_logits.max(-1).values if self.proposal_score == "max" else enc_logits[..., 0]
-        topk, padding = _topk_padded(scores.masked_fill(~valid, float("-inf")), num_select)
-        boxes_unact = gather_tokens(enc_boxes_unact, topk)
-        return gather_tokens(enc_logits, topk), boxes_unact.sigmoid(), boxes_unact.detach(), padding
+        if self.proposals_valid_only:
+            scores = scores.masked_fill(~valid, float("-inf"))
+        topk, padding = _topk_padded(scores, num_select)
+        proposals = EncoderProposals(enc_logits, enc_boxes_unact.sigmoid(), topk, padding)
+        return proposals, gather_tokens(enc_boxes_unact, topk).detach()
 
     def _matching_queries(self, encoded: EncoderOutput, num_matching: int) -> DecoderQueries:
         """Content, reference, static position and encoder outputs of the matching queries."""
@@ -391,7 +431,7 @@ class DeformableTransformer(nn.Module):
             pos, content = self.query_embed.weight[:num_matching].split(self.d_model, dim=1)
             pos, content = pos[None].expand(n, -1, -1), content[None].expand(n, -1, -1)
             return DecoderQueries(content, self.reference_points(pos).sigmoid(), {}, query_pos=pos)
-        enc_logits, enc_boxes, boxes_unact, padding = self._select_proposals(encoded, num_matching)
+        proposals, boxes_unact = self._select_proposals(encoded, num_matching)
         reference = boxes_unact.sigmoid()
         query_pos = content = None
         if self.query_pos_mode == "static":
@@ -399,5 +439,5 @@ class DeformableTransformer(nn.Module):
             query_pos, content = embed.split(self.d_model, dim=-1)
         if hasattr(self, "tgt_embed"):
             content = self.tgt_embed.weight[:num_matching][None].expand(n, -1, -1)
-        return DecoderQueries(content, reference, {}, query_pos=query_pos, padding=padding, enc_logits=enc_logits,
-                              enc_boxes=enc_boxes)
+        return DecoderQueries(content, reference, {}, query_pos=query_pos, padding=proposals.padding,
+                              proposals=proposals)
