@@ -37,7 +37,10 @@ def load_error_cause(error: Exception) -> str:
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    cause = " ".join(lines)[:300] if lines else "no message"
+    cause = " ".join(lines) if lines else "no message"
+    if len(cause) > 300:  # keep whole sentences (torch's zip errors go on with generic advice)
+        end = cause.rfind(". ", 0, 300)
+        cause = cause[: end + 1] if end > 0 else cause[:300] + "..."
     return f"{type(error).__name__}: {cause}"
 
 
