@@ -39,19 +39,26 @@ ATOL = 1e-5
 @BACKBONE_REGISTRY.register()
 class GoldenFeatureBackbone(Backbone):
     """No parameters: returns ``features`` (set by the test) as res3..res5, with the channels
-    of a ResNet whose res2 has ``MODEL.RESNETS.RES2_OUT_CHANNELS`` (x2, x4, x8) at strides 8-32."""
+    of a ResNet whose res2 has ``MODEL.RESNETS.RES2_OUT_CHANNELS`` (x2, x4, x8) at strides 8-32;
+    with res2 in ``MODEL.RESNETS.OUT_FEATURES`` also a zero res2 (stride 4) for the heads that
+    read it (Mask Frozen-DETR's mask network)."""
 
     def __init__(self, cfg, input_shape):
         super().__init__()
         c = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
         self.shapes = {f"res{i + 3}": ShapeSpec(channels=c * 2 ** (i + 1), stride=8 * 2 ** i) for i in range(3)}
+        self.res2 = ShapeSpec(channels=c, stride=4) if "res2" in cfg.MODEL.RESNETS.OUT_FEATURES else None
         self.features: List[torch.Tensor] = []
 
     def forward(self, x):
-        return {name: f.to(x.dtype) for name, f in zip(self.shapes, self.features)}
+        out = {name: f.to(x.dtype) for name, f in zip(self.shapes, self.features)}
+        if self.res2 is not None:
+            h, w = ((x.shape[-2] + 1) // 2 + 1) // 2, ((x.shape[-1] + 1) // 2 + 1) // 2
+            out["res2"] = x.new_zeros(x.shape[0], self.res2.channels, h, w)
+        return out
 
     def output_shape(self):
-        return dict(self.shapes)
+        return {**({"res2": self.res2} if self.res2 is not None else {}), **self.shapes}
 
 
 def golden_opts(meta) -> List[str]:
@@ -259,3 +266,30 @@ def test_training_matcher_indices_and_every_loss(run):
     # 1e-5: the shared criterion's GIoU loss (torchvision) adds eps = 1e-7 to its denominators, the
     # official 1 - GIoU does not: up to 4e-6 on the small denoising boxes (every other term <= 1e-9)
     assert_trees_close(dict(run["losses"]), expected, atol=1e-5, what="weighted losses")
+
+
+def test_mask_frozen_detr_loads_the_converted_dino_as_its_detector(tmp_path):
+    """configs/coco/mask_frozen_detr/dino_R50_4scale_6ep.yaml with the golden reductions: the
+    official DINO checkpoint converted with the DINO config loads strictly as the frozen
+    detector, whose per-layer logits and boxes are the official ones, and the whole model runs."""
+    torch.set_num_threads(1)
+    c = case("dino")
+    meta = c["meta"]
+    converted = str(tmp_path / "dino.pth")
+    convert_official("original_dino", os.path.join(REPO, meta["maskfrozen_config"]), c["checkpoint"], converted,
+                     tuple(golden_opts(meta)))
+    config = os.path.join(REPO, "configs", "coco", "mask_frozen_detr", "dino_R50_4scale_6ep.yaml")
+    cfg = load_config(config, golden_opts(meta) + ["MODEL.MASK_FROZEN.DETECTOR_WEIGHTS", converted,
+                                                   "MODEL.MASK_FROZEN.NUM_QUERIES", "10"])
+    model = build_model(cfg).double().eval()
+    detector = model.detector
+    assert not any(p.requires_grad for p in detector.parameters())
+    detector.backbone.features = [f.double() for f in c["inputs"]["features"]]
+    inputs = batched_inputs(c, with_targets=False)
+    with torch.no_grad():
+        detected = detector.detect(detector.preprocess_image(inputs)).transformer
+        results = model(inputs)
+    one2one = detected.query_groups["one2one"]
+    ours = {"logits": detected.pred_logits[:, :, one2one], "boxes": detected.pred_boxes[:, :, one2one]}
+    assert_trees_close(ours, c["outputs"]["layers"], atol=ATOL, what="Mask Frozen-DETR's detector")
+    assert [r["instances"].image_size for r in results] == [tuple(s) for s in c["inputs"]["output_sizes"]]
