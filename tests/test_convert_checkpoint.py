@@ -322,3 +322,15 @@ def test_cli_output_is_world_readable_and_not_the_input(tmp_path):
     with pytest.raises(SystemExit, match="is the input checkpoint"):
         _converter().main(["--format", "detrex", "--config-file", TINY, str(src), str(src)])
     assert src.read_bytes() == before
+
+
+def test_official_checkpoints_fit_exactly_their_format():
+    """The golden fixtures' official checkpoints (Deformable-DETR, H-DETR, DINO): each fits its
+    own registered format and no other (so --format auto-detection names the right one)."""
+    from maskfrozen.checkpoint.formats import matching_formats
+
+    fixtures = os.path.join(REPO, "tests", "golden", "fixtures")
+    expected = {"deformable_detr": ["original"], "h_detr": ["original"], "dino": ["original_dino"]}
+    for case, formats in expected.items():
+        keys = torch.load(os.path.join(fixtures, case, "checkpoint.pth"), weights_only=True)["model"]
+        assert matching_formats(list(keys)) == formats, case

@@ -16,7 +16,7 @@ from detectron2.modeling import build_backbone, build_model
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskfrozen.checkpoint import FORMATS, convert_detr_state_dict
-from maskfrozen.checkpoint.formats import check_format_fits
+from maskfrozen.checkpoint.formats import check_format_fits, matching_formats
 from maskfrozen.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +80,7 @@ def test_a_whole_official_checkpoint_converts_completely(case, torchvision_resne
         official[f"input_proj.{level}.0.weight"] = torch.randn(weight.shape[0], channels, *weight.shape[2:], generator=g)
     fmt = "original_dino" if case == "dino" else "original"
     check_format_fits(fmt, list(official))
+    assert matching_formats(list(official)) == [fmt]  # and no other registered format
     cfg = load_config(os.path.join(REPO, c["meta"]["maskfrozen_config"]), c["meta"]["maskfrozen_opts"] + ["MODEL.DEVICE", "cpu"])
     target = build_model(cfg).state_dict()
     converted, report = FORMATS[fmt].convert(official, target, cfg)
