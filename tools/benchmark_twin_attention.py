@@ -2,8 +2,9 @@
 """Twin attention vs full self-attention over the same N x N grid (SOTR's complexity claim:
 ``O(H W^2 + H^2 W)`` instead of ``O((H W)^2)``), time and peak memory, in one run.
 
-Both sides are the modules SOTR uses: :class:`maskfrozen.modeling.sotr.TwinAttention`
-(column then row attention, no gate) and one :class:`maskfrozen.layers.SelfAttentionLayer`
+Both sides are the modules SOTR uses: the twin attention of a
+:class:`maskfrozen.modeling.sotr.TwinTransformerLayer` (column then row attention, pre-norm,
+no gate) and one :class:`maskfrozen.layers.SelfAttentionLayer`
 over all ``N^2`` cells, at the paper's width (C=256, 8 heads), batch 1, forward + backward.
 Each measurement runs in its own process: the time is the mean of ``--iters`` iterations after
 one warm-up, the memory the growth of the process's peak RSS (CPU) or the max allocated
@@ -68,14 +69,15 @@ def _measure(variant: str, n: int, kernel: str, args: argparse.Namespace, queue)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from maskfrozen.layers import SelfAttentionLayer
-    from maskfrozen.modeling.sotr import TwinAttention
+    from maskfrozen.modeling.sotr import TwinTransformerLayer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     if variant == "twin":
-        module = TwinAttention(args.dim, args.heads, "sequential", gate=False).to(device)
-        x = torch.randn(1, n, n, args.dim, device=device, requires_grad=True)
+        layer = TwinTransformerLayer(args.dim, args.heads, "sequential", norm="pre", gate=False, qkv_bias=True)
+        module = layer.to(device).attention
+        x = torch.randn(1, args.dim, n, n, device=device, requires_grad=True)
     else:
         module = SelfAttentionLayer(args.dim, args.heads, normalize_before=True).to(device)
         x = torch.randn(1, n * n, args.dim, device=device, requires_grad=True)
