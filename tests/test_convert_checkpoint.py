@@ -6,7 +6,6 @@ its label book loses its never-used last row. The CLI refuses
 a conversion that maps too little and files that are not checkpoints, naming the real cause,
 and writes nothing then."""
 import os
-import re
 import subprocess
 import sys
 

@@ -17,7 +17,6 @@ Float64 is needed: with random weights neighbouring proposal scores lie ~1e-7 ap
 the float32 noise between two implementations, so float32 runs may swap neighbours in the
 two-stage top-k. Intermediate tensors are stored as float32 (tolerance 1e-5 absolute).
 """
-import json
 import os
 from typing import Any, Dict, List
 

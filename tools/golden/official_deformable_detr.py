@@ -34,14 +34,12 @@ call's indices and every loss term. H-DETR's and DINO's fixture scripts reuse th
 """
 import contextlib
 import inspect
-import os
 import sys
 import textwrap
 import types
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import golden_io
