@@ -75,6 +75,9 @@ def add_detr_config(cfg: CN) -> None:
     d.GIOU_WEIGHT = 2.0
     d.FOCAL_ALPHA = 0.25
     d.FOCAL_GAMMA = 2.0
+    # class loss: "focal" | "quality_focal" (the official Co-DINO query head's; exponent QFL_BETA)
+    d.CLASS_LOSS = "focal"
+    d.QFL_BETA = 2.0
     d.ENC_CLASS_AGNOSTIC = True  # encoder proposals scored object-vs-background (rank by logit 0)
     # encoder-proposal loss on "all" tokens (Deformable-DETR, H-DETR) | the "selected" top-k (DINO)
     d.ENC_LOSS_TOKENS = "all"
@@ -407,7 +410,13 @@ def add_co_detr_config(cfg: CN) -> None:
     # the paper's total loss sums lambda_2 * L_enc once per decoder layer (the public configs' num_dec_layer *
     # lambda_2 factor): aux-head losses x LAMBDA_2 x DEC_LAYERS; False: x LAMBDA_2 only
     c.ENC_LOSS_PER_DECODER_LAYER = True
-    c.MAX_POSITIVES = 300  # positive queries per head per image (random subset beyond; padding is masked)
+    c.MAX_POSITIVES = 300  # positive queries per head per image (random subset beyond)
+    # positive-query group of a head: at least MIN_POSITIVE_QUERIES slots per image, short groups filled
+    # with random negatives of the head, background in the class loss (official); PAD_WITH_NEGATIVES False
+    # (ours, the paper's description; with MIN_POSITIVE_QUERIES 0): masked padding that adds no loss
+    c.MIN_POSITIVE_QUERIES = 9
+    c.PAD_WITH_NEGATIVES = True
+    c.CLIP_POSITIVE_BOXES = False  # ours: positive boxes clipped to the image (official: not clipped)
     c.QUERY_FEATURES = False  # + LN(Linear(feature at the positive box)) in the query (Co-Deformable-DETR: True)
     c.ATSS = CN()
     c.ATSS.ANCHOR_SCALE = 8.0  # one square anchor of side ANCHOR_SCALE x stride per location
@@ -423,6 +432,9 @@ def add_co_detr_config(cfg: CN) -> None:
     c.RPN.SCALES_PER_OCTAVE = 3
     c.RPN.ASPECT_RATIOS = [0.5, 1.0, 2.0]
     c.RPN.IOU_THRESHOLDS = [0.3, 0.7]
+    # a GT's best anchors are positives below IOU_THRESHOLDS[1] only with IoU >= MIN_POS_IOU (mmdet's
+    # MaxIoUAssigner); 0.0 = detectron2's Matcher (any IoU, ours)
+    c.RPN.MIN_POS_IOU = 0.3
     c.RPN.BATCH_SIZE_PER_IMAGE = 256
     c.RPN.POSITIVE_FRACTION = 0.5
     c.RPN.PRE_NMS_TOPK = 4000  # per level
@@ -443,3 +455,14 @@ def add_co_detr_config(cfg: CN) -> None:
     c.ROI_HEAD.IOU_THRESHOLD = 0.5
     c.ROI_HEAD.CLASS_WEIGHT = 1.0
     c.ROI_HEAD.BOX_WEIGHT = 10.0  # GIoU on decoded boxes
+    # the detector's test post-processing with Co-DETR (the official mmdet heads' get_bboxes):
+    # "mmdet": boxes clamped to the input image; with SOFT_NMS the top NUM_QUERIES (query, class) pairs,
+    # class-wise soft-NMS, then TEST.DETECTIONS_PER_IMAGE (Co-DINO), without it the top
+    # TEST.DETECTIONS_PER_IMAGE pairs (Co-Deformable-DETR); "detector" (ours): the detector's own
+    c.TEST = CN()
+    c.TEST.POSTPROCESS = "mmdet"
+    c.TEST.SOFT_NMS = True
+    c.TEST.SOFT_NMS_METHOD = "linear"  # "linear" | "gaussian" | "naive" (mmcv's soft_nms)
+    c.TEST.SOFT_NMS_IOU = 0.8
+    c.TEST.SOFT_NMS_SIGMA = 0.5
+    c.TEST.SOFT_NMS_MIN_SCORE = 0.001

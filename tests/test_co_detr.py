@@ -135,21 +135,35 @@ def test_positive_queries_reach_the_decoder_in_training_only():
 
 
 def test_eval_outputs_are_bit_identical_with_and_without_co_detr():
+    """The heads never run in eval: with the detector's own post-processing the detections are
+    bit-identical to the plain detector's; with the official one ("mmdet", Co-DINO's soft-NMS)
+    they are mmdet_detections of the plain detector's last-layer scores and boxes."""
+    from maskfrozen.modeling.co_detr.postprocess import SoftNMSConfig, mmdet_detections
+
     torch.manual_seed(0)
-    co = build_model(tiny_cfg()).eval()
+    co = build_model(tiny_cfg("MODEL.CO_DETR.TEST.POSTPROCESS", "detector")).eval()
     plain = build_model(tiny_cfg("MODEL.CO_DETR.ENABLED", "False")).eval()
+    official = build_model(tiny_cfg()).eval()
     assert plain.co_detr is None
     detector_state = {k: v for k, v in co.state_dict().items() if not k.startswith("co_detr.")}
     plain.load_state_dict(detector_state, strict=True)
+    official.load_state_dict(co.state_dict(), strict=True)
     inference_params = sum(p.numel() for n, p in co.named_parameters() if not n.startswith("co_detr."))
     assert inference_params == sum(p.numel() for p in plain.parameters())
     inputs = _inputs(((64, 64), (48, 64)))
     with torch.no_grad():
-        a, b = co(inputs), plain(inputs)
+        a, b, c = co(inputs), plain(inputs), official(inputs)
+        out = plain.detect(plain.preprocess_image(inputs)).transformer
     for x, y in zip(a, b):
         x, y = x["instances"], y["instances"]
         assert torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
         assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_classes, y.pred_classes)
+    for i, (result, x) in enumerate(zip(c, inputs)):
+        size = tuple(x["image"].shape[-2:])
+        expected = mmdet_detections(out.final_scores[i], out.final_boxes[i], size, (x["height"], x["width"]),
+                                    official.test_topk, SoftNMSConfig(0.8, 0.5, 1e-3, "linear"))
+        assert torch.equal(result["instances"].pred_boxes.tensor, expected.pred_boxes.tensor)
+        assert torch.equal(result["instances"].scores, expected.scores)
 
 
 def test_unknown_or_repeated_aux_head_is_a_clear_error():
@@ -298,19 +312,43 @@ def test_positive_batching_caps_normalises_and_masks_padding():
     boxes = torch.tensor([[0.0, 0.0, 32.0, 16.0], [16.0, 16.0, 80.0, 48.0], [4.0, 4.0, 8.0, 8.0]])
     positives = [AuxPositives(boxes, torch.tensor([2, 0, 1]), torch.randn(3, c)),
                  AuxPositives(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, c))]
-    q = batch_positives(positives, [(32, 64), (64, 64)], max_positives=5, channels=c)
+    ours = dict(min_queries=0, pad_with_negatives=False, clip_boxes=True)  # the paper's description
+    q = batch_positives(positives, [(32, 64), (64, 64)], max_positives=5, channels=c, **ours)
     assert q.boxes.shape == (2, 3, 4) and q.num_positives == 3
     # (x0, y0, x1, y1) / (w, h, w, h), clipped to the image, as cxcywh
     assert torch.allclose(q.boxes[0, 1], torch.tensor([(0.25 + 1.0) / 2, (0.5 + 1.0) / 2, 0.75, 0.5]))
     assert q.padded.tolist() == [[False] * 3, [True] * 3]
     assert [i.tolist() for i in q.indices[0]] == [[0, 1, 2], [2, 0, 1]] and len(q.indices[1][0]) == 0
-    capped = batch_positives(positives, [(32, 64), (64, 64)], max_positives=2, channels=c)
+    capped = batch_positives(positives, [(32, 64), (64, 64)], max_positives=2, channels=c, **ours)
     assert capped.boxes.shape[1] == 2 and capped.num_positives == 2
     # a padded slot's logit adds exactly 0 to the focal loss and gets no gradient
     logit = torch.tensor([PADDED_LOGIT], requires_grad=True)
     loss = sigmoid_focal_loss(logit, torch.zeros(1), reduction="sum")
     loss.backward()
     assert loss.item() == 0.0 and logit.grad.abs().item() == 0.0
+
+
+def test_official_positive_groups_have_at_least_9_slots_filled_with_negatives():
+    """mmdet's get_aux_targets: P = max(9, min(300, largest positive count)); an image's short
+    group is filled with random negatives of the head (unclipped boxes / the image size), which
+    are unmatched slots (background in the class loss, no box loss), not padding."""
+    c = 4
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 16.0], [16.0, 16.0, 80.0, 48.0], [4.0, 4.0, 8.0, 8.0]])
+    negatives = torch.tensor([[float(i), 0.0, i + 10.0, 10.0] for i in range(20)])
+    positives = [AuxPositives(boxes, torch.tensor([2, 0, 1]), torch.randn(3, c), negatives, torch.randn(20, c)),
+                 AuxPositives(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, c),
+                              negatives[:5], torch.randn(5, c))]
+    torch.manual_seed(0)
+    q = batch_positives(positives, [(32, 64), (64, 64)], max_positives=300, channels=c)
+    assert q.boxes.shape == (2, 9, 4) and q.num_positives == 3
+    assert [i.tolist() for i in q.indices[0]] == [[0, 1, 2], [2, 0, 1]] and len(q.indices[1][0]) == 0
+    # not clipped: [16, 16, 80, 48] / (64, 32, 64, 32) = [.25, .5, 1.25, 1.5] -> cxcywh (.75, 1, 1, 1)
+    assert torch.allclose(q.boxes[0, 1], torch.tensor([0.75, 1.0, 1.0, 1.0]))
+    # image 0: 6 distinct negatives after its positives; image 1: its 5 negatives, 4 padded slots
+    filled = q.boxes[0, 3:] * torch.tensor([64.0, 32.0, 64.0, 32.0])
+    starts = sorted(round(float(b[0] - b[2] / 2)) for b in filled)
+    assert len(set(starts)) == 6 and all(0 <= x < 20 for x in starts)
+    assert q.padded.tolist() == [[False] * 9, [False] * 5 + [True] * 4]
 
 
 def test_one_decoder_pass_equals_one_pass_per_group_and_padding_is_inert():
@@ -820,3 +858,56 @@ def test_fused_output_convs_equal_separate_convs_with_the_same_keys():
     assert torch.equal(logits, torch.cat(want_logits, 1))
     for got, want in ((deltas, torch.cat(want_deltas, 1)), (centerness, torch.cat(want_ctr, 1))):
         assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- soft-NMS
+def test_soft_nms_equals_hand_computation():
+    """mmcv's linear soft-NMS (the official Co-DINO test_cfg: IoU 0.8, min score 1e-3): A
+    [0,0,10,10] .9 kept first; B [0,0,10,8] has IoU 80/100 = .8 >= .8 with A -> .8 x (1 - .8)
+    = .16; C far away keeps .7; D (A's twin, .0015) -> x 0 < 1e-3, dropped. Order A, C, B.
+    Class-wise: D in another class than A is not decayed by it. (Checked also against mmcv
+    1.7.0's compiled softnms on 600 random cases with ties: same indices, scores <= 1.2e-7.)"""
+    from maskfrozen.layers.nms import batched_soft_nms, soft_nms
+
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 8], [20, 20, 30, 30], [0, 0, 10, 10]], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.0015], dtype=torch.float64)
+    keep, kept = soft_nms(boxes, scores, iou_threshold=0.8, min_score=1e-3)
+    assert keep.tolist() == [0, 2, 1]
+    assert torch.allclose(kept, torch.tensor([0.9, 0.7, 0.16], dtype=torch.float64))
+    keep, kept = batched_soft_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), iou_threshold=0.8, min_score=1e-3)
+    assert keep.tolist() == [0, 2, 1, 3] and kept[-1].item() == pytest.approx(0.0015)
+    # gaussian: B x exp(-.64 / .5)
+    keep, kept = soft_nms(boxes[:2], scores[:2], method="gaussian", sigma=0.5)
+    assert kept[1].item() == pytest.approx(0.8 * math.exp(-0.64 / 0.5))
+    with pytest.raises(ValueError, match="soft-NMS method 'cubic'"):
+        soft_nms(boxes, scores, method="cubic")
+
+
+def test_quality_focal_loss_equals_hand_computation():
+    """mmdet's QualityFocalLoss (beta 2), the official Co-DINO class loss: logits 0 everywhere,
+    query 0 matched to a GT of class 1; its box XYXY [0, 0, .4, .2] vs the GT's [0, 0, .4, .4]:
+    IoU .5. Negatives: BCE(0, 0) sigmoid(0)^2 = ln2 / 4 each (3 of them), the positive
+    BCE(0, .5) |.5 - .5|^2 = 0."""
+    from maskfrozen.modeling.criterion.losses import class_loss_quality_focal
+
+    logits = torch.zeros(1, 2, 2)
+    pred = torch.tensor([[[0.2, 0.1, 0.4, 0.2], [0.5, 0.5, 0.1, 0.1]]])
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.2, 0.2, 0.4, 0.4]])}]
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    loss = class_loss_quality_focal(logits, pred, targets, indices, num_boxes=1.0)
+    assert loss.item() == pytest.approx(3 * math.log(2) / 4, rel=1e-6)
+    # a perfect box: target 1, BCE(0, 1) |1 - .5|^2 = ln2 / 4 more
+    pred[0, 0] = targets[0]["boxes"][0]
+    assert class_loss_quality_focal(logits, pred, targets, indices, 1.0).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_rpn_low_quality_matches_need_min_pos_iou():
+    """mmdet's MaxIoUAssigner(min_pos_iou=0.3): a GT whose best anchor has IoU 0.25 gets no
+    positive (detectron2's Matcher, min 0, makes it one); one of IoU 0.5 does."""
+    from maskfrozen.modeling.co_detr.rpn import FlooredLowQualityMatcher
+
+    iou = torch.tensor([[0.25, 0.1, 0.0], [0.0, 0.5, 0.2]])  # [G, A]
+    _, labels = FlooredLowQualityMatcher([0.3, 0.7], [0, -1, 1], 0.3)(iou)
+    assert labels.tolist() == [0, 1, 0]  # anchor 1: IoU .5 in [.3, .7) ignored, then GT 1's best
+    _, labels = FlooredLowQualityMatcher([0.3, 0.7], [0, -1, 1], 0.0)(iou)
+    assert labels.tolist() == [1, 1, 0]

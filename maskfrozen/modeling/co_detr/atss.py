@@ -19,7 +19,7 @@ code averages them over GPUs.
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,10 @@ class AuxPositives:
     boxes: torch.Tensor  # [P, 4] XYXY input pixels (anchors or proposals)
     gt_index: torch.Tensor  # [P] int64, the assigned GT of each (index into the image's targets)
     features: torch.Tensor  # [P, C] the feature at each (ATSS: its location; R-CNN: mean-pooled RoI)
+    # the head's negatives (background samples), from which the official code fills short
+    # positive-query groups: boxes [M, 4] XYXY and features [M, C] (None: none recorded)
+    negative_boxes: Optional[torch.Tensor] = None
+    negative_features: Optional[torch.Tensor] = None
 
 
 def atss_assign(anchors_per_level: Sequence[torch.Tensor], gt_boxes: torch.Tensor, topk: int = 9) -> torch.Tensor:
@@ -164,7 +168,8 @@ class ATSSHead(nn.Module):
             pos_anchor.append(anchors[pos])
             pos_gt.append(boxes[a[pos]])
             pos_ctr.append(centerness[i, pos])
-            positives.append(AuxPositives(anchors[pos], a[pos], tokens[i, pos]))
+            neg = torch.nonzero(a < 0).squeeze(1)
+            positives.append(AuxPositives(anchors[pos], a[pos], tokens[i, pos], anchors[neg], tokens[i, neg]))
         num_pos = max(float(sum(len(p.gt_index) for p in positives)), 1.0)
         loss_cls = sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma, "sum") / num_pos
         pos_pred, pos_anchor, pos_gt, pos_ctr = (torch.cat(x) for x in (pos_pred, pos_anchor, pos_gt, pos_ctr))

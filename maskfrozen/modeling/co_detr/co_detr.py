@@ -20,11 +20,14 @@ Training only, through the detector interface (no patching of the transformer):
    with the head's assignment (``_pos{i}`` criterion entries, weight ``lambda_1``;
    :mod:`.positive_queries`).
 
-In eval mode nothing here runs: the detector's ``detect`` and ``inference`` never call
-it, so predictions and the parameters used equal those of the detector without it.
+In eval mode the heads never run: the detector's ``detect`` never calls them, so the
+features, queries and scores equal those of the detector without Co-DETR. Only the test
+post-processing of the detections is Co-DETR's when ``MODEL.CO_DETR.TEST.POSTPROCESS`` is
+"mmdet" (official: boxes clamped to the image, Co-DINO's soft-NMS; :mod:`.postprocess`),
+through the DETR extension hook ``postprocess_detections``.
 """
 import contextlib
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances
@@ -38,6 +41,7 @@ from maskfrozen.modeling.detr.extensions import register_detr_extension
 from .adapter import MultiScaleAdapter
 from .atss import ATSSHead
 from .positive_queries import PositiveQueryEmbedding, batch_positives, positive_query_sets
+from .postprocess import SoftNMSConfig, mmdet_detections
 from .rcnn import FasterRCNNAuxHead
 
 __all__ = ["CoDETR", "build_co_detr", "check_aux_heads", "AUX_HEAD_BUILDERS", "register_aux_head"]
@@ -73,7 +77,8 @@ def _build_faster_rcnn_head(cfg, strides: Sequence[int], num_encoder_levels: int
         rpn_aspect_ratios=r.ASPECT_RATIOS, rpn_iou_thresholds=r.IOU_THRESHOLDS,
         rpn_batch_size_per_image=r.BATCH_SIZE_PER_IMAGE, rpn_positive_fraction=r.POSITIVE_FRACTION,
         rpn_pre_nms_topk=r.PRE_NMS_TOPK, rpn_post_nms_topk=r.POST_NMS_TOPK, rpn_nms_thresh=r.NMS_THRESH,
-        rpn_class_weight=r.CLASS_WEIGHT, rpn_box_weight=r.BOX_WEIGHT, pooler_resolution=h.POOLER_RESOLUTION,
+        rpn_class_weight=r.CLASS_WEIGHT, rpn_box_weight=r.BOX_WEIGHT, rpn_min_pos_iou=r.MIN_POS_IOU,
+        pooler_resolution=h.POOLER_RESOLUTION,
         pooler_sampling_ratio=h.SAMPLING_RATIO,
         canonical_box_size=h.CANONICAL_BOX_SIZE, fc_dim=h.FC_DIM, num_fc=h.NUM_FC,
         roi_batch_size_per_image=h.BATCH_SIZE_PER_IMAGE, roi_positive_fraction=h.POSITIVE_FRACTION,
@@ -95,7 +100,9 @@ class CoDETR(nn.Module):
 
     def __init__(self, adapter: MultiScaleAdapter, heads: Sequence[nn.Module], head_types: Sequence[str],
                  query_embeddings: Sequence[PositiveQueryEmbedding], lambda_1: float = 1.0, enc_weight: float = 12.0,
-                 max_positives: int = 300):
+                 max_positives: int = 300, min_queries: int = 9, pad_with_negatives: bool = True,
+                 clip_positive_boxes: bool = False, test_postprocess: str = "mmdet",
+                 soft_nms: Optional[SoftNMSConfig] = SoftNMSConfig()):
         super().__init__()
         if len(heads) != len(head_types) or len(heads) != len(query_embeddings):
             raise ValueError("CoDETR: one head type and one query embedding per head")
@@ -104,6 +111,11 @@ class CoDETR(nn.Module):
         self.head_types = list(head_types)
         self.query_embeddings = nn.ModuleList(query_embeddings)
         self.lambda_1, self.enc_weight, self.max_positives = lambda_1, enc_weight, max_positives
+        self.min_queries, self.pad_with_negatives = min_queries, pad_with_negatives
+        self.clip_positive_boxes = clip_positive_boxes
+        if test_postprocess not in ("mmdet", "detector"):
+            raise ValueError(f"MODEL.CO_DETR.TEST.POSTPROCESS={test_postprocess!r}: expected 'mmdet' or 'detector'")
+        self.test_postprocess, self.soft_nms = test_postprocess, soft_nms
 
     def forward(self, detector, detected, targets: List[Dict[str, torch.Tensor]]
                 ) -> Tuple[Dict[str, torch.Tensor], List[QuerySet]]:
@@ -129,8 +141,19 @@ class CoDETR(nn.Module):
             for head in self.heads:
                 head_losses, positives = head(images, features, gt_instances)
                 losses.update({k: v * self.enc_weight for k, v in head_losses.items()})
-                groups.append(batch_positives(positives, images.image_sizes, self.max_positives, detector.hidden_dim))
+                groups.append(batch_positives(positives, images.image_sizes, self.max_positives, detector.hidden_dim,
+                                              self.min_queries, self.pad_with_negatives, self.clip_positive_boxes))
         return losses, positive_query_sets(detector, encoded, groups, self.query_embeddings, self.lambda_1, num_gt)
+
+
+    def postprocess_detections(self, scores: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int],
+                               output_size: Tuple[int, int], max_detections: int) -> Optional[Instances]:
+        """The detector's detections of one image with the official Co-DETR post-processing
+        (:func:`.postprocess.mmdet_detections`), or None to keep the detector's own
+        (``MODEL.CO_DETR.TEST.POSTPROCESS "detector"``). The DETR extension inference hook."""
+        if self.test_postprocess != "mmdet":
+            return None
+        return mmdet_detections(scores, boxes, image_size, output_size, max_detections, self.soft_nms)
 
 
 def check_aux_heads(aux_heads: Sequence[str]) -> None:
@@ -160,5 +183,10 @@ def build_co_detr(cfg, level_strides: Sequence[int]):
     static = d.QUERY_POS == "static"
     embeddings = [PositiveQueryEmbedding(d.HIDDEN_DIM, static, c.QUERY_FEATURES) for _ in c.AUX_HEADS]
     enc_weight = c.LAMBDA_2 * (d.DEC_LAYERS if c.ENC_LOSS_PER_DECODER_LAYER else 1)
+    t = c.TEST
+    soft_nms = SoftNMSConfig(t.SOFT_NMS_IOU, t.SOFT_NMS_SIGMA, t.SOFT_NMS_MIN_SCORE, t.SOFT_NMS_METHOD) \
+        if t.SOFT_NMS else None
     return CoDETR(adapter, heads, c.AUX_HEADS, embeddings, lambda_1=c.LAMBDA_1, enc_weight=enc_weight,
-                  max_positives=c.MAX_POSITIVES)
+                  max_positives=c.MAX_POSITIVES, min_queries=c.MIN_POSITIVE_QUERIES,
+                  pad_with_negatives=c.PAD_WITH_NEGATIVES, clip_positive_boxes=c.CLIP_POSITIVE_BOXES,
+                  test_postprocess=t.POSTPROCESS, soft_nms=soft_nms)

@@ -14,14 +14,18 @@ Query of a positive box b (normalised cx, cy, w, h) of head i:
   bug, here a d-vector initialised at 0).
 PE is the sine embedding of (x, y, w, h) with d/2 frequencies per coordinate.
 
-Batching and padding: at most ``max_positives`` per image (a random subset beyond, as the
-public code), padded to the batch's largest count. Padded slots are masked as attention
-keys (no positive query sees them) and their class logits are set to -1e4, so they add
-exactly 0 to every loss (the public code pads with background-labelled negatives instead,
-which the paper does not do). A group without positives in an image keeps its padded slots
-visible to each other there, so their attention stays finite; they are still left out of
-the losses. The
-group's loss normaliser is its number of positive queries (the public code's).
+Batching (official, ``mmdet``'s ``get_aux_targets``): each image gets ``P = max(9,
+min(max_positives, the batch's largest positive count))`` slots: its positives (a random
+subset beyond P), then random negatives of the same head (background anchors / sampled
+proposals) up to P. A negative slot counts as background in the class loss and has no box
+loss; every slot sees every other. Boxes are the head's anchors / proposals divided by the
+unpadded image size (not clipped). The group's loss normaliser is its number of positives.
+
+Ours (``MODEL.CO_DETR.PAD_WITH_NEGATIVES False``, the paper's description): no minimum of 9
+(``MIN_POSITIVE_QUERIES``), short groups padded with masked slots: padded slots are masked as
+attention keys (no positive query sees them) and their class logits are set to -1e4, so they
+add exactly 0 to every loss. A group without positives in an image keeps its padded slots
+visible to each other there, so their attention stays finite.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -82,24 +86,43 @@ class PositiveQueries:
         self.num_positives: int = num_positives
 
 
-def batch_positives(positives: Sequence[AuxPositives], image_sizes, max_positives: int,
-                    channels: int) -> PositiveQueries:
-    """Cap, normalise (boxes clipped to the unpadded image, then / its size) and pad one
-    head's per-image positives."""
+def _image_slots(p: AuxPositives, num: int, pad_with_negatives: bool, device) -> Tuple[torch.Tensor, ...]:
+    """One image's ``num`` slots: its positives (a random subset beyond ``num``), then, with
+    ``pad_with_negatives``, random negatives of the head (official). Returns boxes, features,
+    the positive count and the positive's GT indices."""
+    keep = torch.randperm(len(p.gt_index), device=device)[:num] if len(p.gt_index) > num else slice(None)
+    boxes, features, gt_index = p.boxes[keep], p.features[keep], p.gt_index[keep]
+    count = len(gt_index)
+    if pad_with_negatives and count < num and p.negative_boxes is not None:
+        negatives = torch.randperm(len(p.negative_boxes), device=device)[:num - count]
+        boxes = torch.cat([boxes, p.negative_boxes[negatives].to(boxes.dtype)])
+        features = torch.cat([features, p.negative_features[negatives].to(features.dtype)])
+    return boxes, features, count, gt_index
+
+
+def batch_positives(positives: Sequence[AuxPositives], image_sizes, max_positives: int, channels: int,
+                    min_queries: int = 9, pad_with_negatives: bool = True,
+                    clip_boxes: bool = False) -> PositiveQueries:
+    """One head's group: ``P = max(min_queries, min(max_positives, largest positive count))``
+    slots per image, positives first (boxes / the unpadded image size, cxcywh; ``clip_boxes``:
+    clipped to the image first, ours), then random negatives of the head (``pad_with_negatives``,
+    official: background in the class loss) or masked padding (ours, see module doc)."""
     device = positives[0].boxes.device if positives else torch.device("cpu")
-    counts = [min(len(p.gt_index), max_positives) for p in positives]
-    num = max(counts + [1])
+    num = max(max([min(len(p.gt_index), max_positives) for p in positives] + [0]), min_queries, 1)
     boxes = torch.tensor([0.5, 0.5, 0.1, 0.1], device=device).repeat(len(positives), num, 1)
     features = torch.zeros(len(positives), num, channels, device=device)
     padded = torch.ones(len(positives), num, dtype=torch.bool, device=device)
-    indices = []
-    for b, (p, n, (h, w)) in enumerate(zip(positives, counts, image_sizes)):
-        keep = torch.randperm(len(p.gt_index), device=device)[:n] if len(p.gt_index) > n else slice(None)
+    indices, counts = [], []
+    for b, (p, (h, w)) in enumerate(zip(positives, image_sizes)):
+        image_boxes, image_features, count, gt_index = _image_slots(p, num, pad_with_negatives, device)
+        n = len(image_boxes)
         scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=device)
-        boxes[b, :n] = box_xyxy_to_cxcywh((p.boxes[keep].to(boxes.dtype) / scale).clamp(0.0, 1.0))
-        features[b, :n] = p.features[keep].to(features.dtype)
+        normalised = image_boxes.to(boxes.dtype) / scale
+        boxes[b, :n] = box_xyxy_to_cxcywh(normalised.clamp(0.0, 1.0) if clip_boxes else normalised)
+        features[b, :n] = image_features.to(features.dtype)
         padded[b, :n] = False
-        indices.append((torch.arange(n), p.gt_index[keep].cpu()))
+        indices.append((torch.arange(count), gt_index.cpu()))
+        counts.append(count)
     return PositiveQueries(boxes, features, padded, indices, sum(counts))
 
 

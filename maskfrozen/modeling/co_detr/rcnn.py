@@ -6,7 +6,8 @@ on the encoder levels.
 
 Public Co-DETR settings (the code defaults): RPN anchors ``anchor_scale * stride *
 2^(i / scales_per_octave)`` x ratios (0.5, 1, 2), IoU thresholds 0.3 / 0.7, 256 anchors per
-image at 50 % positives, CE + L1, 4000 / 1000 proposals before / after NMS 0.7; RoI head
+image at 50 % positives (a GT's best anchors below 0.7 positive only with IoU >= 0.3, mmdet's
+``min_pos_iou``: :class:`.rpn.FlooredLowQualityMatcher`), CE + L1, 4000 / 1000 proposals before / after NMS 0.7; RoI head
 7x7 RoIAlign (levels chosen as mmdet's ``finest_scale=56``: level ``floor(log2(sqrt(area)
 / 56))``), 2 x 1024 FC, 512 RoIs per image at 25 % positives (IoU >= 0.5, GT boxes added
 as proposals), CE (weight 1) + GIoU on decoded boxes (weight 10), box deltas weights
@@ -38,7 +39,7 @@ from torch import nn
 
 from .atss import AuxPositives
 from .roi_align import SparseGradROIPooler
-from .rpn import FusedRPNHead, TruncatedNMSRPN
+from .rpn import FlooredLowQualityMatcher, FusedRPNHead, TruncatedNMSRPN
 
 __all__ = ["FasterRCNNAuxHead", "rpn_anchor_sizes"]
 
@@ -60,7 +61,8 @@ class FasterRCNNAuxHead(nn.Module):
                  rpn_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), rpn_iou_thresholds: Sequence[float] = (0.3, 0.7),
                  rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
                  rpn_pre_nms_topk: int = 4000, rpn_post_nms_topk: int = 1000, rpn_nms_thresh: float = 0.7,
-                 rpn_class_weight: float = 1.0, rpn_box_weight: float = 1.0, pooler_resolution: int = 7,
+                 rpn_class_weight: float = 1.0, rpn_box_weight: float = 1.0, rpn_min_pos_iou: float = 0.3,
+                 pooler_resolution: int = 7,
                  pooler_sampling_ratio: int = 0,
                  canonical_box_size: int = 56, fc_dim: int = 1024, num_fc: int = 2, roi_batch_size_per_image: int = 512,
                  roi_positive_fraction: float = 0.25, roi_iou_threshold: float = 0.5, roi_class_weight: float = 1.0,
@@ -74,7 +76,7 @@ class FasterRCNNAuxHead(nn.Module):
             in_features=names,
             head=FusedRPNHead(in_channels=channels, num_anchors=anchor_generator.num_anchors[0]),
             anchor_generator=anchor_generator,
-            anchor_matcher=Matcher(list(rpn_iou_thresholds), [0, -1, 1], allow_low_quality_matches=True),
+            anchor_matcher=FlooredLowQualityMatcher(list(rpn_iou_thresholds), [0, -1, 1], rpn_min_pos_iou),
             box2box_transform=Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0)),
             batch_size_per_image=rpn_batch_size_per_image, positive_fraction=rpn_positive_fraction,
             pre_nms_topk=(rpn_pre_nms_topk, rpn_pre_nms_topk), post_nms_topk=(rpn_post_nms_topk, rpn_post_nms_topk),
@@ -118,6 +120,8 @@ class FasterRCNNAuxHead(nn.Module):
         positives = []
         for p, feat in zip(proposals, pooled):
             fg = torch.nonzero(p.gt_classes < roi.num_classes).squeeze(1)
+            bg = torch.nonzero(p.gt_classes == roi.num_classes).squeeze(1)
             gt_index = p.gt_index[fg] if p.has("gt_index") else fg.new_zeros(0)
-            positives.append(AuxPositives(p.proposal_boxes.tensor[fg], gt_index, feat[fg]))
+            boxes = p.proposal_boxes.tensor
+            positives.append(AuxPositives(boxes[fg], gt_index, feat[fg], boxes[bg], feat[bg]))
         return losses, positives

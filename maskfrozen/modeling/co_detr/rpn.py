@@ -23,11 +23,13 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.layers import batched_nms
+from detectron2.layers import nonzero_tuple
+from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import nms
 
-__all__ = ["TruncatedNMSRPN", "FusedRPNHead", "prefix_nms", "level_nms"]
+__all__ = ["TruncatedNMSRPN", "FusedRPNHead", "FlooredLowQualityMatcher", "prefix_nms", "level_nms"]
 
 CPU_VANILLA_NMS_MIN_NUMEL = 4000  # torchvision.ops.batched_nms loops over classes above this on the CPU
 
@@ -138,3 +140,19 @@ class FusedRPNHead(StandardRPNHead):
             objectness.append(logits)
             deltas.append(box_deltas)
         return objectness, deltas
+
+
+class FlooredLowQualityMatcher(Matcher):
+    """Detectron2's ``Matcher`` with low-quality matches (each GT's highest-IoU anchors, ties
+    included, become positives below the positive threshold) only where that IoU is at
+    least ``min_quality``: mmdet's ``MaxIoUAssigner(min_pos_iou=...)`` of the official RPN
+    (0.3). ``min_quality=0`` is detectron2's own rule."""
+
+    def __init__(self, thresholds, labels, min_quality: float):
+        super().__init__(thresholds, labels, allow_low_quality_matches=True)
+        self.min_quality = min_quality
+
+    def set_low_quality_matches_(self, match_labels: torch.Tensor, match_quality_matrix: torch.Tensor) -> None:
+        highest = match_quality_matrix.max(dim=1).values[:, None]
+        _, best = nonzero_tuple((match_quality_matrix == highest) & (highest >= self.min_quality))
+        match_labels[best] = 1

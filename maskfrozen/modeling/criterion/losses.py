@@ -21,6 +21,7 @@ __all__ = [
     "matched_query_index",
     "matched_targets",
     "class_loss_focal",
+    "class_loss_quality_focal",
     "class_loss_softmax",
     "box_losses",
     "class_cost_focal",
@@ -67,6 +68,35 @@ def class_loss_focal(
     classes = _target_classes(logits, targets, indices, background=num_classes)
     onehot = F.one_hot(classes, num_classes + 1)[..., :num_classes].to(logits.dtype)
     return sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_boxes
+
+
+def class_loss_quality_focal(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    targets: Sequence[Dict[str, torch.Tensor]],
+    indices: Indices,
+    num_boxes: float,
+    beta: float = 2.0,
+) -> torch.Tensor:
+    """Quality focal loss (GFL, Li et al. 2020; mmdet's ``QualityFocalLoss``, the official
+    Co-DINO class loss), summed / num_boxes: every query x class is a negative with
+    ``BCE(x, 0) * sigmoid(x)^beta``, except each matched query's GT class, whose target is the
+    IoU ``s`` of its (detached) predicted box with the GT box: ``BCE(x, s) * |s - sigmoid(x)|^beta``."""
+    prob = logits.sigmoid()
+    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.pow(beta)
+    if len(indices) and sum(len(q) for q, _ in indices):
+        batch_idx, query_idx = matched_query_index(indices)
+        labels = matched_targets(targets, indices, "labels").to(logits.device)
+        pred = box_cxcywh_to_xyxy(pred_boxes[batch_idx, query_idx].detach())
+        gt = box_cxcywh_to_xyxy(matched_targets(targets, indices, "boxes").to(pred))
+        lt, rb = torch.maximum(pred[:, :2], gt[:, :2]), torch.minimum(pred[:, 2:], gt[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)
+        union = (pred[:, 2:] - pred[:, :2]).prod(-1) + (gt[:, 2:] - gt[:, :2]).prod(-1) - inter
+        iou = (inter / union.clamp(min=1e-6)).to(logits.dtype)  # mmdet's bbox_overlaps
+        x = logits[batch_idx, query_idx, labels]
+        positive = F.binary_cross_entropy_with_logits(x, iou, reduction="none") * (iou - x.sigmoid()).abs().pow(beta)
+        loss = loss.index_put((batch_idx, query_idx, labels), positive)
+    return loss.sum() / num_boxes
 
 
 def class_loss_softmax(

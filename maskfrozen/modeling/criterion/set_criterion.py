@@ -34,7 +34,8 @@ import torch
 from detectron2.utils import comm
 from torch import nn
 
-from .losses import Indices, box_losses, class_loss_focal, class_loss_softmax, matched_query_index, matched_targets
+from .losses import (Indices, box_losses, class_loss_focal, class_loss_quality_focal, class_loss_softmax,
+                     matched_query_index, matched_targets)
 from .mask_losses import point_mask_losses
 from .matcher import HungarianMatcher
 from .point_sampling import box_points_to_image, point_sample
@@ -99,8 +100,9 @@ class SetCriterion(nn.Module):
             a key missing here has weight 0 (not returned).
         losses: the terms computed for every entry: any of "labels", "boxes", "masks" and
             the names of ``extra_loss_fns``.
-        class_loss: "focal" (sigmoid, K logits) or "softmax" (K+1 logits, no-object
-            weighted by ``eos_coef``).
+        class_loss: "focal" (sigmoid, K logits), "quality_focal" (sigmoid, K logits, the
+            matched class's target = the IoU of its box, exponent ``qfl_beta``; official Co-DINO)
+            or "softmax" (K+1 logits, no-object weighted by ``eos_coef``).
         num_points / oversample_ratio / importance_sample_ratio: the point-sampled mask
             terms (Mask2Former: 12544, 3, 0.75).
         extra_loss_fns: more terms by name (e.g. Mask Frozen-DETR's mask IoU).
@@ -119,10 +121,12 @@ class SetCriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         extra_loss_fns: Optional[Mapping[str, LossFn]] = None,
+        qfl_beta: float = 2.0,
     ):
         super().__init__()
-        if class_loss not in ("focal", "softmax"):
-            raise ValueError(f"SetCriterion: class_loss must be 'focal' or 'softmax', got {class_loss!r}")
+        if class_loss not in ("focal", "quality_focal", "softmax"):
+            raise ValueError(f"SetCriterion: class_loss must be 'focal', 'quality_focal' or 'softmax', got "
+                             f"{class_loss!r}")
         table: Dict[str, LossFn] = {"labels": self._class_term, "boxes": self._box_term, "masks": self._mask_term}
         table.update(extra_loss_fns or {})
         unknown = [name for name in losses if name not in table]
@@ -133,6 +137,7 @@ class SetCriterion(nn.Module):
         self.loss_fns = {name: table[name] for name in losses}
         self.class_loss, self.focal_alpha, self.focal_gamma, self.eos_coef = class_loss, focal_alpha, focal_gamma, eos_coef
         self.num_points, self.oversample_ratio = num_points, oversample_ratio
+        self.qfl_beta = qfl_beta
         self.importance_sample_ratio = importance_sample_ratio
 
     # ------------------------------------------------------------------ terms
@@ -140,6 +145,8 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"]
         if self.class_loss == "focal":
             loss = class_loss_focal(logits, targets, indices, num_boxes, self.focal_alpha, self.focal_gamma)
+        elif self.class_loss == "quality_focal":
+            loss = class_loss_quality_focal(logits, outputs["pred_boxes"], targets, indices, num_boxes, self.qfl_beta)
         else:
             loss = class_loss_softmax(logits, targets, indices, num_boxes, self.eos_coef)
         return {"loss_class": loss}

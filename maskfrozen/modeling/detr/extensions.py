@@ -8,8 +8,10 @@ config and the encoder's level strides; a builder returns a module, or None when
 config leaves it off. The detector holds each module as an attribute (and state_dict
 prefix) of that name, and in training its ``losses`` calls it as
 ``module(detector, detected, targets) -> (extra losses, extra QuerySets)``: the losses are
-added to the detector's, the query sets go through the detector's criterion. Inference
-never calls an extension.
+added to the detector's, the query sets go through the detector's criterion. In inference
+an extension only runs if it has ``postprocess_detections(scores, boxes, image_size,
+output_size, max_detections)``: its Instances (or None: the detector's own post-processing)
+replace the detector's top-k of each image (Co-DETR's official mmdet post-processing).
 """
 from typing import Callable, Dict, Optional, Sequence
 

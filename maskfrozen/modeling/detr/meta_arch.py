@@ -20,8 +20,9 @@ frozen one, Co-DETR's auxiliary heads, the benchmarks) instead of reaching into 
 
 Training extensions (e.g. Co-DETR's auxiliary heads) attach through the registry of
 :mod:`.extensions`: each registered builder may return a module, held as an attribute of
-its registered name and called only by ``losses`` in training (extra losses and query-set
-entries); inference never runs one, and this module names none of them.
+its registered name and called by ``losses`` in training (extra losses and query-set
+entries) and, if it has its own test post-processing, by ``inference``
+(``extension_detections``); this module names none of them.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -297,6 +298,22 @@ class DeformableDETRFamily(nn.Module):
         return {**self.criterion(sets, targets), **extension_losses}
 
     # ------------------------------------------------------------------ inference
+    def extension_detections(self, scores: torch.Tensor, boxes: torch.Tensor, image_size,
+                             output_size) -> Optional[Instances]:
+        """One image's detections from the first active extension with its own test
+        post-processing (``postprocess_detections(scores [Q, K], boxes [Q, 4] cxcywh, image_size,
+        output_size, max_detections) -> Instances`` with class-head rows as ``pred_classes``, or
+        None), rows mapped to dataset classes; None when no extension post-processes."""
+        for name in self.extension_names:
+            extension = getattr(self, name)
+            postprocess = getattr(extension, "postprocess_detections", None)
+            result = postprocess(scores, boxes, image_size, output_size, self.test_topk) if postprocess else None
+            if result is not None:
+                classes, kept = self.classes_of_rows(result.pred_classes)
+                result.pred_classes = classes
+                return result[kept]
+        return None
+
     def inference(self, out: DeformableTransformerOutput, batched_inputs: List[Dict], image_sizes) -> List[Dict]:
         """Top-k over queries x class rows of the last layer's one-to-one queries (official
         post-processing: boxes scaled to the requested output size, not clipped); rows of no
@@ -304,6 +321,10 @@ class DeformableDETRFamily(nn.Module):
         (boxes clipped to the image, empty ones dropped)."""
         results = []
         for scores, boxes, x, (h, w) in zip(out.final_scores, out.final_boxes, batched_inputs, image_sizes):
+            extension_result = self.extension_detections(scores, boxes, (h, w), (x.get("height", h), x.get("width", w)))
+            if extension_result is not None:
+                results.append({"instances": extension_result})
+                continue
             query, row, score = top_query_class_pairs(scores, self.test_topk)
             classes, kept = self.classes_of_rows(row)
             query, classes, score = query[kept], classes[kept], score[kept]
@@ -361,7 +382,8 @@ def _build_criterion(d) -> SetCriterion:
         focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
     return SetCriterion(
         matcher, {"loss_class": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT},
-        losses=("labels", "boxes"), focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA)
+        losses=("labels", "boxes"), focal_alpha=d.FOCAL_ALPHA, focal_gamma=d.FOCAL_GAMMA, class_loss=d.CLASS_LOSS,
+        qfl_beta=d.QFL_BETA)
 
 
 @META_ARCH_REGISTRY.register()
