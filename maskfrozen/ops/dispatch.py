@@ -6,9 +6,11 @@ Backends:
     ``"reference"`` pure PyTorch (:func:`ms_deform_attn_reference`), any device.
 
 ``"auto"`` picks the compiled kernel for the tensors' device and otherwise falls back to
-the reference with a one-time warning saying why. A backend is forced with the
-``backend=`` argument or the ``MASKFROZEN_MSDA_BACKEND`` environment variable (the
-argument wins); forcing one that cannot run raises ``RuntimeError``.
+the reference with a one-time warning saying why; while ``torch.export`` traces, it always
+records the custom op (one node, also without a build: the exported program then needs the
+build to run in PyTorch, its ONNX translation, :mod:`maskfrozen.ops.onnx`, needs none).
+A backend is forced with the ``backend=`` argument or the ``MASKFROZEN_MSDA_BACKEND``
+environment variable (the argument wins); forcing one that cannot run raises ``RuntimeError``.
 
 The compiled kernels compute in float32 or float64; float16/bfloat16 inputs are upcast
 to float32 and the output is cast back (gradients flow through the casts).
@@ -143,6 +145,8 @@ def _select_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError(f"ms_deform_attn: backend 'cuda' is not available: {_why_cuda_missing()}")
         return "cuda"
     # auto
+    if torch.compiler.is_exporting() and device.type in ("cpu", "cuda"):
+        return device.type  # the custom-op node, whatever the build: an exported graph needs no kernel
     if device.type == "cpu":
         if _cpu_kernel_available():
             return "cpu"
