@@ -113,7 +113,13 @@ setup(
         "opencv-python-headless",
         "scipy",
     ],
-    extras_require={"fast-eval": ["faster-coco-eval"], "test": ["pytest"]},
+    extras_require={
+        "fast-eval": ["faster-coco-eval"],
+        "test": ["pytest"],
+        # tools/export_model.py, maskfrozen.export: ONNX export (torch's dynamo exporter needs
+        # onnxscript) and the ONNX Runtime predictor
+        "export": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.3"],
+    },
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),
 )

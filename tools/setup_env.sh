@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment: pinned torch/torchvision, the
-# runtime dependencies, Detectron2 and maskfrozen in editable mode (with its compiled op),
-# importable from any directory (checked from outside the repository).
+# runtime dependencies, the export extra (onnx, onnxruntime, onnxscript), Detectron2 and
+# maskfrozen in editable mode (with its compiled op), importable from any directory (checked
+# from outside the repository).
 # Idempotent: each step is skipped when its result is already in place.
 #
 #   VENV=.venv  PYTHON=python3  tools/setup_env.sh
@@ -29,11 +30,13 @@ fi
 case $VENV in /*) PY=$VENV/bin/python ;; *) PY=$ROOT/$VENV/bin/python ;; esac
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
-deps_hash=$(cat "$CONSTRAINTS" requirements/base.txt "$D2_PATCH" | sha256sum | cut -c1-16)
+deps_hash=$(cat "$CONSTRAINTS" requirements/base.txt requirements/export.txt "$D2_PATCH" | sha256sum | cut -c1-16)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$deps_hash" ]; then
   log "installing pinned dependencies (torch, torchvision, ...)"
   "${PIP[@]}" install -c "$CONSTRAINTS" --upgrade pip setuptools wheel
   "${PIP[@]}" install -c "$CONSTRAINTS" -r requirements/base.txt
+  log "installing the export extra (onnx, onnxruntime, onnxscript: tools/export_model.py and its tests)"
+  "${PIP[@]}" install -c "$CONSTRAINTS" -r requirements/export.txt
 
   if "$PY" -c "import detectron2, detectron2._C" 2>/dev/null; then
     log "keeping the official detectron2 build already installed"
