@@ -86,16 +86,22 @@ def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w / w, valid_h / h], -1)
 
 
+def _level_index_tensors(sizes, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`level_index_tensors` uncached: also for symbolic sizes while ``torch.export``
+    traces (``torch.tensor`` keeps them symbolic where ``torch.as_tensor`` would fix them)."""
+    shapes = torch.tensor(sizes, dtype=torch.int64, device=device)
+    starts, total = [], 0
+    for h, w in sizes:
+        starts.append(total)
+        total = total + h * w
+    return shapes, torch.tensor(starts, dtype=torch.int64, device=device)
+
+
 @lru_cache(maxsize=64)
 def level_index_tensors(sizes: Tuple[Tuple[int, int], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(``spatial_shapes [L, 2]``, ``level_start_index [L]``) int64 on ``device``, one pair
     of tensors per distinct level sizes (never modified in place)."""
-    shapes = torch.as_tensor(sizes, dtype=torch.int64, device=device)
-    starts, total = [], 0
-    for h, w in sizes:
-        starts.append(total)
-        total += h * w
-    return shapes, torch.as_tensor(starts, dtype=torch.int64, device=device)
+    return _level_index_tensors(sizes, device)
 
 
 def flatten_levels(srcs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor],
@@ -112,8 +118,9 @@ def flatten_levels(srcs: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
         raise ValueError(f"flatten_levels: got {len(srcs)} maps, {len(masks)} masks, {len(pos_embeds)} position maps")
     if level_embeds is not None and len(level_embeds) != len(srcs):
         raise ValueError(f"flatten_levels: got {len(srcs)} feature levels, built for {len(level_embeds)}")
-    sizes = tuple((int(s.shape[-2]), int(s.shape[-1])) for s in srcs)
-    shapes, start = level_index_tensors(sizes, srcs[0].device)
+    sizes = tuple((s.shape[-2], s.shape[-1]) for s in srcs)  # ints (symbolic while exporting: dynamic H, W)
+    index_tensors = _level_index_tensors if torch.compiler.is_exporting() else level_index_tensors
+    shapes, start = index_tensors(sizes, srcs[0].device)
     tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     pos = [p.flatten(2).transpose(1, 2) for p in pos_embeds]
     if level_embeds is not None:

@@ -36,7 +36,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from maskfrozen.checkpoint.detr_converter import coco_contiguous_ids
-from maskfrozen.modeling.inputs import normalized_image_batch
+from maskfrozen.modeling.inputs import normalized_image_batch, padding_mask
 from maskfrozen.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from maskfrozen.layers.position_encoding import PositionEmbeddingSine
 from maskfrozen.modeling.criterion import (HungarianMatcher, QuerySet, SetCriterion, class_agnostic_targets,
@@ -225,10 +225,7 @@ class DeformableDETRFamily(nn.Module):
 
     def image_padding_mask(self, images: ImageList) -> torch.Tensor:
         """``[N, H, W]`` True on the padding of the batch image."""
-        mask = torch.ones(len(images), *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            mask[i, :h, :w] = False
-        return mask
+        return padding_mask(images.image_sizes, images.tensor.shape[-2:], 1, self.device)
 
     def level_padding_mask(self, images: ImageList, image_mask: torch.Tensor, size, stride: int) -> torch.Tensor:
         """``[N, H_l, W_l]`` padding mask of a level: the image's mask resized (nearest) to the
@@ -236,10 +233,7 @@ class DeformableDETRFamily(nn.Module):
         exactly the cells a stride-s conv stack computes from the unpadded image ("ceil")."""
         if self.level_masks == "interpolate":
             return F.interpolate(image_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
-        mask = torch.ones(len(images), *size, dtype=torch.bool, device=self.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            mask[i, : -(-h // stride), : -(-w // stride)] = False
-        return mask
+        return padding_mask(images.image_sizes, size, stride, self.device)
 
     def prepare_targets(self, batched_inputs: List[Dict], image_sizes) -> List[Dict[str, torch.Tensor]]:
         """GT labels (the class-head rows of the GT classes) and boxes normalised (cx, cy, w, h)

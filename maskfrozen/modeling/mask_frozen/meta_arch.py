@@ -290,8 +290,9 @@ class MaskFrozenDETR(nn.Module):
         index, _, _ = top_queries(out.final_scores, self.num_queries)
         gather = lambda x: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         boxes_normalized = gather(out.final_boxes)
-        sizes = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes_normalized.dtype,
-                             device=boxes_normalized.device)
+        # (w, h, w, h) per image; image_sizes: (h, w) pairs or an [N, 2] tensor (exported graph input)
+        sizes = torch.as_tensor(image_sizes, device=boxes_normalized.device).view(-1, 2).flip(-1).repeat(1, 2)
+        sizes = sizes.to(boxes_normalized.dtype)
         boxes = box_cxcywh_to_xyxy(boxes_normalized) * sizes[:, None]
         boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None])
         logits = out.pred_logits[-1][:, out.query_groups["one2one"]]

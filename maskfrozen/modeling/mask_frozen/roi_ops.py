@@ -23,7 +23,11 @@ def roi_align_per_query(features: torch.Tensor, boxes: torch.Tensor, output_size
     bilinear samples per bin side (0: adaptive, as many as the box covers)."""
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
         raise ValueError(f"roi_align_per_query: boxes must be [B={features.shape[0]}, N, 4], got {tuple(boxes.shape)}")
-    rois = list(boxes.to(features.dtype).unbind(0))
+    # (image index, x0, y0, x1, y1) rows, as torchvision builds them from a list of per-image boxes;
+    # no Python list over the images, so that torch.export keeps the batch size dynamic
+    b, n = boxes.shape[:2]
+    index = torch.arange(b, device=boxes.device, dtype=features.dtype)[:, None, None].expand(b, n, 1)
+    rois = torch.cat([index, boxes.to(features.dtype)], 2).flatten(0, 1)
     return roi_align(features, rois, (output_size, output_size), spatial_scale, sampling_ratio=sampling_ratio,
                      aligned=True)
 

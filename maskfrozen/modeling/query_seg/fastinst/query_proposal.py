@@ -83,8 +83,8 @@ class InstanceActivationQueries(nn.Module):
         logits = self.conv_proposal_cls_logits(x)
         index = self.activation_scores(logits).topk(self.num_queries, dim=1).indices  # [B, N]
         tokens = x.flatten(2).transpose(1, 2)
-        pos_tokens = pos.flatten(1).t()[None].expand(len(x), -1, -1)
-        locations = grid_locations(h, w, x.device, self.cell_centre_locations)[None].expand(len(x), -1, -1)
+        pos_tokens = pos.flatten(1).t()[None].expand(x.shape[0], -1, -1)
+        locations = grid_locations(h, w, x.device, self.cell_centre_locations)[None].expand(x.shape[0], -1, -1)
         return Proposals(gather_tokens(tokens, index), gather_tokens(pos_tokens, index),
                          gather_tokens(locations, index), logits, index)
 

@@ -143,7 +143,7 @@ class FastInstDecoder(TransformerDecoderBase):
         proposals = self.query_proposal(proposal_map, self._positions(tuple(proposal_map.shape[-2:])))
         queries, query_pos = proposals.features, proposals.pos
         if self.num_aux_queries:
-            batch = len(pixel_map)
+            batch = pixel_map.shape[0]
             queries = torch.cat([queries, self.aux_query_feat.weight[None].expand(batch, -1, -1)], dim=1)
             query_pos = torch.cat([query_pos, self.aux_query_pos.weight[None].expand(batch, -1, -1)], dim=1)
         pixel_pos = self._positions(tuple(pixel_map.shape[-2:])).flatten(1).t()[None]
