@@ -11,7 +11,16 @@ Co-DINO config with the same reductions, loads strictly, runs in float64 (as the
 did) and compares: the neck's five levels, the adapter levels (encoder memory + the extra
 stride-2 level), the two-stage top-k logits and boxes, every decoder layer's logits and boxes,
 and the final detections through ``forward`` (top-900 pairs, boxes clamped, class-wise
-soft-NMS, 300 kept, at the output size).
+soft-NMS, 300 kept, at the output size). Training, on one batch with GT (a 3 x 3 px box among
+them): the one-to-one queries' and encoder proposals' losses (quality focal loss), every
+ATSS anchor's label and the ATSS losses, every valid RPN anchor's assignment, and the ATSS
+positive-query group (its size, positives, negatives after them).
+
+What each check caught in the code before this pass: the detections (top-100 vs the official
+top-900 + soft-NMS), the query-head class losses (focal vs quality focal: 1.0 apart), the
+ATSS class loss (anchors on the padding counted as negatives: 0.012 apart), the RPN
+assignment (no min_pos_iou: the 3 px box got a positive), the group (masked padding instead
+of negatives; clipped boxes).
 """
 import os
 
@@ -91,4 +100,102 @@ def test_inference_stage_by_stage(golden):
     detections = [{"boxes": r["instances"].pred_boxes.tensor, "scores": r["instances"].scores,
                    "labels": r["instances"].pred_classes} for r in results]
     diffs.update(assert_trees_close(detections, expected["detections"], atol=1e-4, what="Co-DINO detections"))
+    print({k: f"{v:.2e}" for k, v in sorted(diffs.items())})
+
+
+# ----------------------------------------------------------------------------- training
+def _training_batch(c, model):
+    from detectron2.structures import Boxes, Instances
+
+    batch = _batched_inputs(c)
+    for x, t, (h, w) in zip(batch, c["inputs"]["targets"], c["inputs"]["image_sizes"]):
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(t["boxes"].double())
+        inst.gt_classes = t["labels"]
+        x["instances"] = inst
+    images = model.preprocess_image(batch)
+    return batch, images, model.prepare_targets(batch, images.image_sizes)
+
+
+def _official_losses(c, names):
+    losses = c["outputs"]["training"]["losses"]
+    return {k: losses[k].sum() for k in names}
+
+
+def test_query_head_matching_and_encoder_losses(golden):
+    """The one-to-one queries' and the encoder proposals' losses with the official quality
+    focal loss (the matching part never sees the denoising queries, so no noise to replay)."""
+    c, model, _ = golden
+    model.train()
+    try:
+        batch, images, targets = _training_batch(c, model)
+        with torch.no_grad():
+            detected = model.detect(images)  # no targets: no denoising queries
+            losses = model.criterion(model.query_sets(detected, targets), targets)
+    finally:
+        model.eval()
+    names = {"loss_cls": "loss_class", "loss_bbox": "loss_bbox", "loss_iou": "loss_giou",
+             "d0.loss_cls": "loss_class_aux0", "d0.loss_bbox": "loss_bbox_aux0", "d0.loss_iou": "loss_giou_aux0",
+             "enc_loss_cls": "loss_class_enc", "enc_loss_bbox": "loss_bbox_enc", "enc_loss_iou": "loss_giou_enc"}
+    official = _official_losses(c, names)
+    ours = {k: losses[v] for k, v in names.items()}
+    diffs = assert_trees_close(ours, official, atol=1e-6, what="Co-DINO query-head losses")
+    print({k: f"{v:.2e}" for k, v in sorted(diffs.items())})
+
+
+def test_auxiliary_heads_targets_and_atss_losses(golden):
+    """ATSS: every anchor's label (background 80) and the three losses (x lambda_2 x layers);
+    RPN: every valid anchor's assignment (mmdet: 0 negative, -1 ignored, i + 1 GT i) through
+    our anchors (detectron2's size-major order mapped to mmdet's ratio-major) and matcher;
+    ATSS positive-query group: size, the positives' boxes and classes, negatives after them."""
+    from detectron2.structures import Boxes, pairwise_iou
+
+    c, model, _ = golden
+    official = c["outputs"]["training"]
+    batch, images, targets = _training_batch(c, model)
+    co = model.co_detr
+    with torch.no_grad():
+        features = co.adapter(model.detect(images).transformer)
+        gt = [x["instances"] for x in batch]
+        atss_losses, positives = co.heads[1](images, features, gt)
+    num_anchors = positives[0].boxes.shape[0] + positives[0].negative_boxes.shape[0]
+    labels = []
+    for p, inst in zip(positives, gt):
+        anchor_labels = torch.full((num_anchors,), 80, dtype=torch.int8)
+        anchors = torch.cat([b.tensor for b in co.heads[1].anchor_generator(features)])
+        index = {tuple(a.tolist()): i for i, a in enumerate(anchors)}
+        for box, g in zip(p.boxes, p.gt_index):
+            anchor_labels[index[tuple(box.tolist())]] = int(inst.gt_classes[g])
+        labels.append(anchor_labels)
+    diffs = assert_trees_close(labels, official["atss_labels"], what="ATSS anchor labels")
+    names = {"loss_cls1": "loss_atss_cls", "loss_bbox1": "loss_atss_bbox", "loss_centerness1": "loss_atss_centerness"}
+    ours = {k: atss_losses[v] * co.enc_weight for k, v in names.items()}
+    diffs.update(assert_trees_close(ours, _official_losses(c, names), atol=1e-6, what="ATSS losses"))
+    # RPN assignment of the valid anchors
+    rpn = co.heads[0].rpn
+    anchors = rpn.anchor_generator(features)
+    assigned = []
+    for inst, valid in zip(gt, official["rpn_valid"]):
+        per_level = []
+        for a in anchors:  # detectron2: (y, x, size, ratio) -> mmdet: (y, x, ratio, size)
+            per_level.append(a.tensor.view(-1, 3, 3, 4).transpose(1, 2).reshape(-1, 4))
+        flat = Boxes(torch.cat(per_level)[valid.bool()])
+        matched, match_labels = rpn.anchor_matcher(pairwise_iou(inst.gt_boxes, flat))
+        assigned.append(torch.where(match_labels == 1, matched + 1, match_labels).to(torch.int8))
+    diffs.update(assert_trees_close(assigned, official["rpn_assigned"], what="RPN assignment"))
+    # the ATSS head's positive-query group (positives deterministic; negatives random: count only)
+    group = official["groups"][1]
+    size = group["labels"].shape[1]
+    from maskfrozen.modeling.co_detr.positive_queries import batch_positives
+
+    q = batch_positives(positives, images.image_sizes, co.max_positives, model.hidden_dim, co.min_queries,
+                        co.pad_with_negatives, co.clip_positive_boxes)
+    assert q.boxes.shape[1] == size
+    for b in range(len(gt)):
+        n = len(q.indices[b][1])
+        assert int(group["bbox_weights"][b].sum()) == n
+        diffs[f"group{b}.boxes"] = (q.boxes[b, :n] - group["boxes"][b, :n]).abs().max().item()
+        assert diffs[f"group{b}.boxes"] < 1e-6  # our anchors are float32 (detectron2 generator)
+        assert gt[b].gt_classes[q.indices[b][1]].tolist() == group["labels"][b, :n].tolist()
+        assert (group["labels"][b, n:] == 80).all() and not q.padded[b].any()
     print({k: f"{v:.2e}" for k, v in sorted(diffs.items())})

@@ -18,7 +18,8 @@ run from a separate folder (never the project's venv), OFFICIAL_RUNTIME_DIR, lai
 
 Shims: ``mmcv._ext`` is a module that serves those compiled kernels and raises for any other
 op (none is called: mmcv's deformable attention takes its pure-PyTorch path on CPU tensors);
-``Tensor.cuda`` is the identity (the official heads call ``.cuda()`` on index tensors);
+``Tensor.cuda`` is the identity and ``Tensor.to("cuda")`` stays on the CPU (the official heads
+move index tensors and the denoising queries to the GPU);
 ``yapf`` (config pretty-printing), ``fairscale`` (activation checkpointing, off here), ``timm``,
 ``einops`` and ``mmcv_custom`` (Swin / ViT backbones, unused) are stubs. The official model runs
 in float64 (neighbouring random-weight scores are closer than float32 noise); the compiled
@@ -33,7 +34,7 @@ loss weights as the config computes them. Random weights at a fixed seed, every 
 perturbed (``official_mask2former.perturb_state_dict``).
 
 Saved (case ``co_dino``): the official checkpoint (``{"state_dict": ...}``, mmdet names), the
-inputs (normalised images, sizes, GT) and the official values: backbone and neck features,
+inputs (uint8 images, sizes, GT) and the official values: backbone and neck features,
 encoder memory, two-stage top-k scores / boxes, every decoder layer's logits and boxes, the
 adapter levels, the final detections at the output size (top-k, clipping, soft-NMS); in
 training, the denoising queries, every auxiliary head's targets (ATSS and RPN per-anchor
@@ -63,7 +64,8 @@ NUM_QUERY = 40
 NUM_DN = 20
 ENC_LAYERS, DEC_LAYERS = 2, 2
 TARGETS = [  # (class index, (x0, y0, x1, y1) input pixels) per image
-    [(0, (10.0, 20.0, 90.0, 110.0)), (17, (70.0, 5.0, 125.0, 60.0)), (43, (60.0, 70.0, 120.0, 125.0))],
+    [(0, (10.0, 20.0, 90.0, 110.0)), (17, (70.0, 5.0, 125.0, 60.0)), (43, (60.0, 70.0, 120.0, 125.0)),
+     (5, (100.0, 100.0, 103.0, 103.0))],  # 3 x 3 px: its best RPN anchor has IoU < 0.3 (min_pos_iou)
     [(79, (5.0, 30.0, 60.0, 90.0)), (2, (30.0, 10.0, 78.0, 70.0))],
 ]
 MASKFROZEN_CONFIG = "configs/coco/co_detr/co_dino_R50_5scale_12ep.yaml"
@@ -154,9 +156,9 @@ def _float32_kernels(ops):
             dets.copy_(dets32)
             return keep
 
-        def roi_align_forward(self, input, rois, output, *args):
-            out32 = output.float()
-            ops.roi_align_forward(input.float(), rois.float(), out32, *args)
+        def roi_align_forward(self, input, rois, output, argmax_y, argmax_x, **kwargs):
+            out32, y32, x32 = output.float(), argmax_y.float(), argmax_x.float()
+            ops.roi_align_forward(input.float(), rois.float(), out32, y32, x32, **kwargs)
             output.copy_(out32)
 
         def __getattr__(self, name):
@@ -179,6 +181,14 @@ def official_runtime(runtime_dir: str):
     sys.modules["mmcv_custom"].load_checkpoint = None
     sys.modules["mmcv._ext"] = _CompiledOps(_float32_kernels(ops))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    to = torch.Tensor.to
+
+    def to_cpu(self, *args, **kwargs):  # the heads' .to('cuda') stays on the CPU
+        args = tuple("cpu" if a == "cuda" else a for a in args)
+        if kwargs.get("device") == "cuda":
+            kwargs["device"] = "cpu"
+        return to(self, *args, **kwargs)
+    torch.Tensor.to = to_cpu
     sys.path.insert(0, runtime_dir)
     from mmcv import Config  # noqa: E402
     from mmdet.models import build_detector  # noqa: E402
@@ -267,6 +277,12 @@ def build_official(official_dir: str):
     perturb_state_dict(model, torch.Generator().manual_seed(SEED + 1))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     model.load_state_dict(state)
+    for head in (model.rpn_head, model.bbox_head[0]):  # anchors in float64 too (grid_priors' default: float32)
+        grid_priors = head.prior_generator.grid_priors
+        head.prior_generator.grid_priors = lambda *args, _f=grid_priors, **kwargs: _f(
+            *args, **{**kwargs, "dtype": torch.float64})
+    encode = model.rpn_head.bbox_coder.encode  # mmdet's bbox2delta computes in float32: back to float64
+    model.rpn_head.bbox_coder.encode = lambda *args, **kwargs: encode(*args, **kwargs).double()
     return model.double(), state, cfg
 
 
@@ -294,12 +310,63 @@ def inference_outputs(model, batch, metas) -> Dict[str, Any]:
             "detections": [{"boxes": d[:, :4], "scores": d[:, 4], "labels": l} for d, l in results]}
 
 
+def _wrap(obj, name: str, record):
+    """Replace ``obj.name`` by a call that passes its arguments and result to ``record``."""
+    original = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        record(args, kwargs, result)
+        return result
+    setattr(obj, name, wrapped)
+    return lambda: setattr(obj, name, original)
+
+
+def training_outputs(model, batch, metas) -> Dict[str, Any]:
+    """One training step's auxiliary-head targets and every loss term: the ATSS per-anchor
+    labels (background = 80) and anchors of every image, the RPN's valid-anchor flags and its
+    assigned GT per valid anchor (0 = negative, -1 = ignored, i + 1 = GT i), the positive-query
+    groups built from each head (boxes, labels, box weights) and the loss dict."""
+    values: Dict[str, Any] = {"rpn_assigned": [], "groups": []}
+
+    def atss_targets(args, kwargs, result):
+        values["atss_anchors"] = [a.float() for a in result[-3]]
+        values["atss_labels"] = [labels.to(torch.int8) for labels in result[-2]]  # background = 80
+
+    def rpn_anchors(args, kwargs, result):
+        values["rpn_valid"] = [torch.cat(flags) for flags in result[1]]
+
+    def rpn_assign(args, kwargs, result):
+        values["rpn_assigned"].append(result.gt_inds.to(torch.int8))
+
+    def groups(args, kwargs, result):
+        coords, labels, targets, label_weights, bbox_weights = result[:5]
+        values["groups"].append({"boxes": coords, "labels": labels, "targets": targets,
+                                 "label_weights": label_weights, "bbox_weights": bbox_weights[..., 0]})
+    restore = [_wrap(model.bbox_head[0], "get_targets", atss_targets),
+               _wrap(model.rpn_head, "get_anchors", rpn_anchors),
+               _wrap(model.rpn_head.assigner, "assign", rpn_assign),
+               _wrap(model.query_head, "get_aux_targets", groups)]
+    gt_boxes, gt_labels = official_targets()
+    model.train()
+    shims.seed_everything(SEED)
+    torch.set_default_dtype(torch.float64)  # the denoising generator allocates with the default dtype
+    try:
+        losses = model.forward_train(batch, metas, gt_boxes, gt_labels)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for undo in restore:
+        undo()
+    values["losses"] = {k: (torch.stack(v) if isinstance(v, (list, tuple)) else v) for k, v in losses.items()}
+    return values
+
+
 def make(official_dir: str, out_dir: str) -> None:
     model, state, cfg = build_official(official_dir)
     images, batch, metas = official_inputs()
     for meta in metas:
         meta["batch_input_shape"] = tuple(batch.shape[-2:])
-    outputs = {"inference": inference_outputs(model, batch, metas)}
+    outputs = {"inference": inference_outputs(model, batch, metas), "training": training_outputs(model, batch, metas)}
     inputs = {"images": images, "image_sizes": [list(s) for s in IMAGE_SIZES],
               "output_sizes": [list(s) for s in OUTPUT_SIZES],
               "targets": [{"labels": torch.tensor([c for c, _ in t]), "boxes": torch.tensor([b for _, b in t])}
@@ -312,7 +379,7 @@ def make(official_dir: str, out_dir: str) -> None:
             "runtime": "mmdet 2.25.3 + Co-DETR's vendored mmdet/models, mmcv 1.7.0 (python), mmcv CPU kernels "
                        "nms/softnms/roi_align compiled unchanged",
             "shims": ["mmcv._ext = compiled CPU nms/softnms/roi_align (float32 data), other ops raise",
-                      "Tensor.cuda = identity", "stubs: " + ", ".join(STUBS)],
+                      "Tensor.cuda = identity, Tensor.to('cuda') -> cpu", "stubs: " + ", ".join(STUBS)],
             "maskfrozen_config": MASKFROZEN_CONFIG, "maskfrozen_opts": MASKFROZEN_OPTS}
     golden_io.save_case(out_dir, CASE, state, inputs, outputs, meta,
                         checkpoint_wrapper="state_dict")

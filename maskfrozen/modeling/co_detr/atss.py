@@ -58,7 +58,7 @@ def atss_assign(anchors_per_level: Sequence[torch.Tensor], gt_boxes: torch.Tenso
     ious = box_iou(anchors, gt_boxes)  # [A, G]
     anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     gt_centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    distances = torch.cdist(anchor_centres, gt_centres)  # [A, G]
+    distances = (anchor_centres[:, None] - gt_centres[None]).pow(2).sum(-1).sqrt()  # [A, G] (mmdet's, not cdist)
     candidates, start = [], 0
     for level in anchors_per_level:
         n = level.shape[0]
@@ -147,21 +147,42 @@ class ATSSHead(nn.Module):
             centerness.append(ctr.flatten(1))
         return torch.cat(logits, 1), torch.cat(deltas, 1), torch.cat(centerness, 1)
 
+    def valid_anchors(self, features: List[torch.Tensor], image_size: Tuple[int, int]) -> torch.Tensor:
+        """``[A]`` bool: the anchors whose cell lies inside ``ceil(image size / stride)`` (mmdet's
+        ``valid_flags`` of the image; anchors on the batch's padding are left out)."""
+        h, w = image_size
+        masks = []
+        for f, stride in zip(features, self.anchor_generator.strides):
+            mask = torch.zeros(f.shape[-2:], dtype=torch.bool, device=f.device)
+            mask[: math.ceil(h / stride), : math.ceil(w / stride)] = True
+            masks.append(mask.flatten())
+        return torch.cat(masks)
+
+    def assign(self, anchors_per_level: List[torch.Tensor], valid: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+        """:func:`atss_assign` among the valid anchors (-1 elsewhere)."""
+        sizes = [len(a) for a in anchors_per_level]
+        valid_levels = [a[v] for a, v in zip(anchors_per_level, valid.split(sizes))]
+        assigned = torch.full_like(valid, -1, dtype=torch.int64)
+        assigned[valid] = atss_assign(valid_levels, gt_boxes, self.topk)
+        return assigned
+
     def forward(self, images, features: List[torch.Tensor],
                 gt_instances: Sequence[Instances]) -> Tuple[Dict[str, torch.Tensor], List[AuxPositives]]:
-        """The auxiliary-head interface (as :class:`FasterRCNNAuxHead`): ``images`` (unused),
-        the adapter's ``features``, per image ``gt_boxes`` (XYXY pixels) and ``gt_classes``."""
-        gt_boxes = [inst.gt_boxes.tensor for inst in gt_instances]
-        gt_labels = [inst.gt_classes for inst in gt_instances]
+        """The auxiliary-head interface (as :class:`FasterRCNNAuxHead`): ``images`` (their
+        ``image_sizes``), the adapter's ``features``, per image ``gt_boxes`` (XYXY pixels) and
+        ``gt_classes``. Anchors on an image's padding take no part (mmdet); its negatives for
+        the positive queries include them, with zero boxes (mmdet's ``unmap``)."""
         anchors_per_level = [b.tensor for b in self.anchor_generator(features)]
         anchors = torch.cat(anchors_per_level)
         logits, deltas, centerness = self.predict(features)
         tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)  # [N, A, C]
+        valid = torch.stack([self.valid_anchors(features, size) for size in images.image_sizes])
         with torch.no_grad():
-            assigned = [atss_assign(anchors_per_level, b, self.topk) for b in gt_boxes]
+            assigned = [self.assign(anchors_per_level, v, inst.gt_boxes.tensor) for v, inst in zip(valid, gt_instances)]
         cls_target = torch.zeros_like(logits)
         pos_pred, pos_anchor, pos_gt, pos_ctr, positives = [], [], [], [], []
-        for i, (a, boxes, labels) in enumerate(zip(assigned, gt_boxes, gt_labels)):
+        for i, (a, inst) in enumerate(zip(assigned, gt_instances)):
+            boxes, labels = inst.gt_boxes.tensor, inst.gt_classes
             pos = torch.nonzero(a >= 0).squeeze(1)
             cls_target[i, pos, labels[a[pos]]] = 1.0
             pos_pred.append(deltas[i, pos])
@@ -169,9 +190,12 @@ class ATSSHead(nn.Module):
             pos_gt.append(boxes[a[pos]])
             pos_ctr.append(centerness[i, pos])
             neg = torch.nonzero(a < 0).squeeze(1)
-            positives.append(AuxPositives(anchors[pos], a[pos], tokens[i, pos], anchors[neg], tokens[i, neg]))
-        num_pos = max(float(sum(len(p.gt_index) for p in positives)), 1.0)
-        loss_cls = sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma, "sum") / num_pos
+            negative_boxes = anchors[neg] * valid[i, neg, None].to(anchors.dtype)
+            positives.append(AuxPositives(anchors[pos], a[pos], tokens[i, pos], negative_boxes, tokens[i, neg]))
+        # mmdet: each image counts at least one positive
+        num_pos = float(sum(max(len(p.gt_index), 1) for p in positives))
+        focal = sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma, "none").sum(-1)
+        loss_cls = (focal * valid.to(focal.dtype)).sum() / num_pos
         pos_pred, pos_anchor, pos_gt, pos_ctr = (torch.cat(x) for x in (pos_pred, pos_anchor, pos_gt, pos_ctr))
         if len(pos_gt):
             target_ctr = centerness_target(pos_anchor, pos_gt)
