@@ -183,6 +183,16 @@ def test_auxiliary_heads_targets_and_atss_losses(golden):
         matched, match_labels = rpn.anchor_matcher(pairwise_iou(inst.gt_boxes, flat))
         assigned.append(torch.where(match_labels == 1, matched + 1, match_labels).to(torch.int8))
     diffs.update(assert_trees_close(assigned, official["rpn_assigned"], what="RPN assignment"))
+    # the RPN's labelling: anchors on the padding ignored, the positives (all kept by the 50 %
+    # sampler here) those of the official assignment
+    torch.manual_seed(0)
+    labels, _ = rpn.label_and_sample_anchors(anchors, gt)
+    for ours_i, valid, official_i in zip(labels, official["rpn_valid"], official["rpn_assigned"]):
+        order = torch.cat([torch.arange(len(a)).view(-1, 3, 3).transpose(1, 2).reshape(-1) + start for a, start in
+                           zip(anchors, torch.tensor([0] + [len(a) for a in anchors]).cumsum(0)[:-1].tolist())])
+        ours_mmdet_order = ours_i[order]
+        assert (ours_mmdet_order[~valid.bool()] == -1).all()
+        assert torch.equal(ours_mmdet_order[valid.bool()] == 1, official_i > 0)
     # the ATSS head's positive-query group (positives deterministic; negatives random: count only)
     group = official["groups"][1]
     size = group["labels"].shape[1]

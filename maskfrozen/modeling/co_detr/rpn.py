@@ -18,15 +18,15 @@ halves the NMS time. Inference and GPU tensors run detectron2's code unchanged.
 :class:`FusedRPNHead`: detectron2's ``StandardRPNHead`` with its two 1x1 output convs run as
 one (their weights concatenated per call; same parameters, bit-identical outputs).
 """
+import math
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import batched_nms
-from detectron2.layers import nonzero_tuple
+from detectron2.layers import batched_nms, nonzero_tuple
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from torchvision.ops import nms
 
 __all__ = ["TruncatedNMSRPN", "FusedRPNHead", "FlooredLowQualityMatcher", "prefix_nms", "level_nms"]
@@ -112,8 +112,41 @@ def top_rpn_proposals(proposals: List[torch.Tensor], logits: List[torch.Tensor],
 
 
 class TruncatedNMSRPN(RPN):
-    """``RPN`` (same arguments, parameters and results) whose training proposals come from
-    :func:`top_rpn_proposals` on CPU tensors (see module doc)."""
+    """``RPN`` (same parameters) whose training proposals come from :func:`top_rpn_proposals`
+    on CPU tensors (same results, see module doc) and whose anchors on an image's padding take
+    no part in its assignment and sampling (mmdet's ``valid_flags`` with ``allowed_border=-1``,
+    the official Co-DETR RPN; detectron2 assigns every anchor)."""
+
+    @staticmethod
+    def valid_anchors(anchors: List[Boxes], strides: List[int], image_size: Tuple[int, int]) -> torch.Tensor:
+        """``[R]`` bool: anchors whose cell lies inside ``ceil(image size / stride)``
+        (anchor centres sit on the cell corners: offset 0)."""
+        h, w = image_size
+        masks = []
+        for level, stride in zip(anchors, strides):
+            centres = level.get_centers()
+            limit = centres.new_tensor([math.ceil(w / stride) * stride, math.ceil(h / stride) * stride])
+            masks.append((centres < limit - stride / 2).all(1))
+        return torch.cat(masks)
+
+    @torch.no_grad()
+    def label_and_sample_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        """detectron2's labelling among each image's valid anchors; the others are ignored (-1)."""
+        strides = self.anchor_generator.strides
+        all_anchors = Boxes.cat(anchors)
+        gt_labels, matched_gt_boxes = [], []
+        for inst in gt_instances:
+            valid = self.valid_anchors(anchors, strides, inst.image_size)
+            labels = torch.full((len(all_anchors),), -1, dtype=torch.int8, device=all_anchors.device)
+            matched_boxes = torch.zeros_like(all_anchors.tensor)
+            if valid.any():
+                matched_idxs, valid_labels = self.anchor_matcher(pairwise_iou(inst.gt_boxes, all_anchors[valid]))
+                labels[valid] = valid_labels.to(labels.dtype)
+                if len(inst.gt_boxes):
+                    matched_boxes[valid] = inst.gt_boxes.tensor[matched_idxs]
+            gt_labels.append(self._subsample_labels(labels))
+            matched_gt_boxes.append(matched_boxes)
+        return gt_labels, matched_gt_boxes
 
     def predict_proposals(self, anchors: List[Boxes], pred_objectness_logits: List[torch.Tensor],
                           pred_anchor_deltas: List[torch.Tensor], image_sizes: List[Tuple[int, int]]):
