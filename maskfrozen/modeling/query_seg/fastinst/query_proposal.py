@@ -40,9 +40,21 @@ def grid_locations(h: int, w: int, device: Optional[torch.device] = None, cell_c
     with ``cell_centres`` the cells' centres ``(i + 0.5) / n``."""
     if cell_centres:
         return pixel_centres(h, w, device) / torch.tensor([w, h], dtype=torch.float32, device=device)
-    ys, xs = torch.meshgrid(torch.linspace(0, 1, h, device=device), torch.linspace(0, 1, w, device=device),
-                            indexing="ij")
+    if torch.compiler.is_exporting():  # linspace would fix h and w in the exported graph
+        ys, xs = torch.meshgrid(_unit_steps(h, device), _unit_steps(w, device), indexing="ij")
+    else:
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, h, device=device), torch.linspace(0, 1, w, device=device),
+                                indexing="ij")
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+
+
+def _unit_steps(n, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``linspace(0, 1, n)`` (within 1 ulp) from ``arange``: while torch.export traces, where
+    ``linspace`` would fix ``n`` (the map size) in the exported graph. Inference does not read
+    the locations (only the training matcher does)."""
+    i = torch.arange(n, dtype=torch.float32, device=device)
+    step = torch.ones((), device=device) / (n - 1)
+    return torch.where(i < n // 2, i * step, 1 - step * (n - 1 - i))
 
 
 @dataclass
