@@ -14,7 +14,9 @@ and the final detections through ``forward`` (top-900 pairs, boxes clamped, clas
 soft-NMS, 300 kept, at the output size). Training, on one batch with GT (a 3 x 3 px box among
 them): the one-to-one queries' and encoder proposals' losses (quality focal loss), every
 ATSS anchor's label and the ATSS losses, every valid RPN anchor's assignment, and the ATSS
-positive-query group (its size, positives, negatives after them).
+positive-query group (its size, positives, negatives after them), and every positive-query
+loss term of both heads on the official groups (their random negatives and RoI samples
+replayed).
 
 What each check caught in the code before this pass: the detections (top-100 vs the official
 top-900 + soft-NMS), the query-head class losses (focal vs quality focal: 1.0 apart), the
@@ -208,4 +210,42 @@ def test_auxiliary_heads_targets_and_atss_losses(golden):
         assert diffs[f"group{b}.boxes"] < 1e-6  # our anchors are float32 (detectron2 generator)
         assert gt[b].gt_classes[q.indices[b][1]].tolist() == group["labels"][b, :n].tolist()
         assert (group["labels"][b, n:] == 80).all() and not q.padded[b].any()
+    print({k: f"{v:.2e}" for k, v in sorted(diffs.items())})
+
+
+def test_positive_query_losses_on_the_official_groups(golden):
+    """Both heads' positive-query groups as the official run built them (its random negatives
+    and RoI sampling replayed: the official boxes and labels fed to ours), decoded by our
+    detector and supervised by our criterion: every loss term of every layer."""
+    from maskfrozen.modeling.co_detr.positive_queries import PositiveQueries, positive_query_sets
+
+    c, model, _ = golden
+    co = model.co_detr
+    batch, images, targets = _training_batch(c, model)
+    groups = []
+    for group in c["outputs"]["training"]["groups"]:
+        n, p = group["labels"].shape
+        indices = []
+        for b, t in enumerate(targets):
+            slots = torch.nonzero(group["labels"][b] < 80).squeeze(1)
+            gt = torch.cdist(group["targets"][b, slots].double(), t["boxes"].double()).argmin(1)
+            assert torch.equal(t["labels"][gt], group["labels"][b, slots])
+            indices.append((slots, gt))
+        groups.append(PositiveQueries(group["boxes"].double(), torch.zeros(n, p, model.hidden_dim, dtype=torch.float64),
+                                      torch.zeros(n, p, dtype=torch.bool), indices,
+                                      int(sum(len(s) for s, _ in indices))))
+    with torch.no_grad():
+        encoded = model.detect(images).transformer
+        sets = positive_query_sets(model, encoded, groups, co.query_embeddings, co.lambda_1,
+                                   sum(len(t["labels"]) for t in targets))
+        losses = model.criterion(sets, targets)
+    names = {}
+    for i in range(2):
+        for official_term, term in (("cls", "class"), ("bbox", "bbox"), ("iou", "giou")):
+            names[f"loss_{official_term}_aux{i}"] = f"loss_{term}_pos{i}"
+            names[f"d0.loss_{official_term}_aux{i}"] = f"loss_{term}_pos{i}_aux0"
+    ours = {k: losses[v] for k, v in names.items()}
+    # GIoU terms <= 2.2e-6 apart: torchvision's GIoU adds eps 1e-7 to normalised areas, mmdet
+    # computes on pixel boxes (max(area, eps)); every other term <= 5e-8
+    diffs = assert_trees_close(ours, _official_losses(c, names), atol=5e-6, what="positive-query losses")
     print({k: f"{v:.2e}" for k, v in sorted(diffs.items())})

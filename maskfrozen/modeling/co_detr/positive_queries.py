@@ -5,11 +5,12 @@ supervised with the head's assignment (a fixed-assignment entry of the shared cr
 like DINO's denoising set; no Hungarian matching).
 
 Query of a positive box b (normalised cx, cy, w, h) of head i:
-- content ``LN(Linear_{2d->d}(PE(b)))`` (+ ``LN(Linear_{d->d}(f))`` of its feature f when
+- content ``LN(Linear_{2d->d}(PE(b')))`` with ``b' = sigmoid(inverse_sigmoid(b))`` (b clamped to
+  [0, 1], eps 1e-5: the official ``get_proposal_pos_embed`` of the box logits) (+ ``LN(Linear_{d->d}(f))`` of its feature f when
   ``with_features``, Co-Deformable-DETR), the position then recomputed by DINO's decoder
   from the reference box (``query_pos="dynamic"``, Co-DINO);
 - for a decoder with static query positions (Deformable-DETR / H-DETR),
-  ``LN(Linear_{2d->2d}(PE(b)))`` split into (position, content), plus a learned per-head
+  ``LN(Linear_{2d->2d}(PE(b')))`` split into (position, content), plus a learned per-head
   position embedding (the public code's ``head_pos_embed``, there a scalar by a documented
   bug, here a d-vector initialised at 0).
 PE is the sine embedding of (x, y, w, h) with d/2 frequencies per coordinate.
@@ -32,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from maskfrozen.layers.box_ops import box_xyxy_to_cxcywh
+from maskfrozen.layers.box_ops import box_xyxy_to_cxcywh, inverse_sigmoid
 from maskfrozen.layers.position_encoding import sine_embedding
 from maskfrozen.modeling.criterion import QuerySet
 from maskfrozen.modeling.detr.transformer import DecoderQueries
@@ -65,7 +66,10 @@ class PositiveQueryEmbedding(nn.Module):
 
     def forward(self, boxes: torch.Tensor, features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``boxes [N, P, 4]`` normalised cxcywh, ``features [N, P, d]`` -> content, position."""
-        embed = self.pos_norm(self.pos_proj(sine_embedding(boxes, self.d_model // 2, exchange_xy=False)))
+        # the official embeds sigmoid(inverse_sigmoid(b)): b clamped to [0, 1] with eps 1e-5 (the
+        # unclipped anchors of the coarse levels reach past 1)
+        unit = inverse_sigmoid(boxes, eps=1e-5).sigmoid()
+        embed = self.pos_norm(self.pos_proj(sine_embedding(unit, self.d_model // 2, exchange_xy=False)))
         position = None
         if self.static_position:
             position, embed = embed.split(self.d_model, dim=-1)
