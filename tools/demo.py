@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="run even without MODEL.WEIGHTS (an untrained, randomly initialised model)")
+    parser.add_argument("--onnx", default="", metavar="MODEL.onnx",
+                        help="predict with this exported model (tools/export_model.py; ONNX Runtime, or a .pt2 "
+                             "torch.export program) instead of MODEL.WEIGHTS")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
 
@@ -67,14 +70,19 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     if not args.input and not args.dataset:
         parser.error("give --input files/folders or --dataset NAME (or NAME=JSON:IMAGE_ROOT)")
     cfg, names = demo_config(args, parser)
-    problem = weights_problem(cfg)
+    problem = None if args.onnx else weights_problem(cfg)  # an exported model holds its weights
     if problem and not (args.allow_random_weights and not cfg.MODEL.WEIGHTS):  # Predictor warns then
         parser.error(problem)
     paths = list_images(args.input) if args.input else []
     paths += [d["file_name"] for name in names for d in DatasetCatalog.get(name)]
     if args.max_images > 0:
         paths = paths[: args.max_images]
-    written = write_overlays(cfg, paths, args.output, args.confidence_threshold)
+    predictor = None
+    if args.onnx:
+        from maskfrozen.export import ONNXPredictor
+
+        predictor = ONNXPredictor(args.onnx, cfg)
+    written = write_overlays(cfg, paths, args.output, args.confidence_threshold, predictor)
     print(f"wrote {len(written)} overlay(s) to {args.output}")
     return written
 

@@ -124,11 +124,13 @@ def overlay_paths(image_paths: List[str], output_dir: str) -> List[str]:
     return paths
 
 
-def write_overlays(cfg: CfgNode, image_paths: List[str], output_dir: str, score_threshold: float = 0.5) -> List[str]:
-    """Predict each image with ``Predictor(cfg)`` and write one overlay PNG per image to
-    ``output_dir`` (names from ``overlay_paths``); returns the written paths."""
+def write_overlays(cfg: CfgNode, image_paths: List[str], output_dir: str, score_threshold: float = 0.5,
+                   predictor=None) -> List[str]:
+    """Predict each image with ``predictor`` (default ``Predictor(cfg)``; e.g. an exported model's
+    ``maskfrozen.export.ONNXPredictor``) and write one overlay PNG per image to ``output_dir``
+    (names from ``overlay_paths``); returns the written paths."""
     outputs = overlay_paths(image_paths, output_dir)
-    predictor = Predictor(cfg)
+    predictor = predictor if predictor is not None else Predictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)
     os.makedirs(output_dir, exist_ok=True)
