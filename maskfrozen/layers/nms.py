@@ -37,18 +37,17 @@ def _iou_with(box: torch.Tensor, boxes: torch.Tensor, area: torch.Tensor, areas:
     return inter / (area + areas - inter)
 
 
-def _compact(order: List[int], start: int, dropped: torch.Tensor) -> List[int]:
-    """mmcv's removal of low scores from ``order[start:]``: a dropped slot takes the last
-    remaining element, which is checked in its turn (``dropped`` indexed by element)."""
-    order = list(order)
-    end, pos = len(order), start
+def _compact(segment: List[int], dropped: set) -> List[int]:
+    """mmcv's removal of low scores from a segment of the order: a dropped slot takes the
+    last remaining element, which is checked in its turn."""
+    end, pos = len(segment), 0
     while pos < end:
-        if bool(dropped[order[pos]]):
-            order[pos] = order[end - 1]
+        if segment[pos] in dropped:
+            segment[pos] = segment[end - 1]
             end -= 1
         else:
             pos += 1
-    return order[:end]
+    return segment[:end]
 
 
 def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
@@ -64,23 +63,25 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
                          f"{tuple(scores.shape)}")
     current = scores.clone()
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    order = list(range(len(boxes)))
-    kept_scores = []
-    i = 0
-    while i < len(order):
-        rest = torch.tensor(order[i:], dtype=torch.long, device=boxes.device)
-        best = i + int(torch.argmax(current[rest]))  # the first maximum, as mmcv's strict comparison
-        order[i], order[best] = order[best], order[i]
-        top = order[i]
-        kept_scores.append(current[top])
-        others = torch.tensor(order[i + 1:], dtype=torch.long, device=boxes.device)
-        if len(others):
-            iou = _iou_with(boxes[top], boxes[others], areas[top], areas[others])
-            current[others] = current[others] * _decay(iou, method, iou_threshold, sigma)
-            order = _compact(order, i + 1, current < min_score)
+    order = torch.arange(len(boxes), device=boxes.device)
+    i, live = 0, len(boxes)
+    while i < live:
+        best = i + int(torch.argmax(current[order[i:live]]))  # the first maximum (mmcv's strict comparison)
+        if best != i:
+            order[[i, best]] = order[[best, i]]
+        top, rest = order[i], order[i + 1:live]
+        if len(rest):
+            iou = _iou_with(boxes[top], boxes[rest], areas[top], areas[rest])
+            current[rest] = current[rest] * _decay(iou, method, iou_threshold, sigma)
+            dropped = current[rest] < min_score
+            if bool(dropped.any()):
+                kept = _compact(rest.tolist(), set(rest[dropped].tolist()))
+                order = torch.cat([order[:i + 1], torch.tensor(kept, dtype=order.dtype, device=order.device),
+                                   order[live:]])
+                live = i + 1 + len(kept)
         i += 1
-    keep = torch.tensor(order, dtype=torch.long, device=boxes.device)
-    return keep, torch.stack(kept_scores) if kept_scores else scores.new_zeros(0)
+    keep = order[:live]
+    return keep, current[keep]
 
 
 def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float = 0.3,
