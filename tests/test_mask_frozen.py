@@ -212,6 +212,13 @@ def test_inference_ranks_query_class_pairs_by_class_times_mask_iou(tmp_path):
     for mask, (x0, y0, x1, y1) in zip(inst.pred_masks, inst.pred_boxes.tensor.int().tolist()):
         inside = mask[y0:y1, x0:x1].sum()
         assert mask.sum() == inside and inside >= 0.95 * (x1 - x0) * (y1 - y0)
+    # a detector whose class-head rows are category ids (CLASS_ROWS coco_category_id): rows map to
+    # dataset classes through the detector, pairs of a row that is no class are dropped after the top-k
+    model.detector.class_of_row = torch.tensor([-1, 0, 1, 2, 3])
+    inst = model.inference(preds, selected, [{"height": 32, "width": 32}], images)[0]["instances"]
+    torch.testing.assert_close(inst.scores, torch.tensor([0.30]))
+    assert inst.pred_classes.tolist() == [0] and len(inst.pred_masks) == 1
+    torch.testing.assert_close(inst.pred_boxes.tensor, boxes[0][[0]])
 
 
 def test_default_predictor_returns_masks_at_input_size(tmp_path):
@@ -258,8 +265,10 @@ def test_coco_configs_build_and_predict_a_small_image(tmp_path, name, one_thread
     image = torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)
     with torch.no_grad():
         inst = model([{"image": image, "height": 128, "width": 160}])[0]["instances"]
-    assert inst.pred_masks.shape[1:] == (128, 160) and len(inst) == 100
+    # 91 class-head rows = COCO category ids: pairs of the 11 rows of no category are dropped after the top 100
+    assert inst.pred_masks.shape[1:] == (128, 160) and 0 < len(inst) <= 100 and len(inst.pred_masks) == len(inst)
     assert torch.isfinite(inst.scores).all() and (inst.scores >= 0).all()
+    assert int(inst.pred_classes.max()) < 80 and int(inst.pred_classes.min()) >= 0
 
 
 def test_polygon_gt_masks_are_rasterised_into_the_padded_targets(tmp_path):

@@ -320,11 +320,13 @@ class MaskFrozenDETR(nn.Module):
         for b, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
             rows = slice(b * num, (b + 1) * num)
             pair_scores = selected.logits[b].sigmoid() * self.mask_quality(preds, rows)[:, None]
-            order, labels, scores = top_query_class_pairs(pair_scores, self.test_topk)
+            order, rows_of_pairs, scores = top_query_class_pairs(pair_scores, self.test_topk)
+            classes, kept = self.detector.classes_of_rows(rows_of_pairs)  # class-head rows -> dataset classes
+            order, classes, scores = order[kept], classes[kept], scores[kept]
             inst = Instances((h, w))
             inst.pred_boxes = Boxes(selected.boxes[b][order])
             inst.scores = scores
-            inst.pred_classes = labels
+            inst.pred_classes = classes
             self.mask_network.region.attach(inst, preds.logits[rows][order])
             out_h, out_w = x.get("height", h), x.get("width", w)
             results.append({"instances": instances_to_output_size(inst, out_h, out_w, self.mask_threshold)})
