@@ -247,3 +247,16 @@ def test_option_after_the_overrides_is_named(tmp_path):
     args = _args("--config-file", DINO_TINY, "OUTPUT_DIR", str(tmp_path), "--dataset", "a=b.json:c")
     with pytest.raises(ValueError, match=r"options \['--dataset'\] come after the KEY VALUE overrides"):
         train_net.setup(args)
+
+
+def test_dataset_classes_on_a_coco_detr_config_switch_to_contiguous_class_rows(coco_dir, tmp_path):
+    """The COCO DETR yamls have a class-head row per COCO category id (91 rows); filled from a
+    dataset, the count becomes the dataset's and the rows its contiguous classes."""
+    json_file, image_root = coco_dir
+    register_coco_json("toy_rows", json_file, image_root)
+    coco_dino = os.path.join(REPO, "configs", "coco", "dino", "dino_R50_4scale_12ep.yaml")
+    cfg = resolve_num_classes(make_cfg(coco_dino, tmp_path, "DATASETS.TRAIN", "('toy_rows',)",
+                                       "MODEL.NUM_CLASSES_FROM_DATASET", "True"))
+    assert (cfg.MODEL.DETR.NUM_CLASSES, cfg.MODEL.DETR.CLASS_ROWS) == (3, "contiguous")
+    kept = resolve_num_classes(make_cfg(coco_dino, tmp_path, "DATASETS.TRAIN", "('toy_rows',)"))
+    assert (kept.MODEL.DETR.NUM_CLASSES, kept.MODEL.DETR.CLASS_ROWS) == (91, "coco_category_id")

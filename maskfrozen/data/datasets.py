@@ -607,6 +607,9 @@ def resolve_num_classes(cfg: CfgNode) -> CfgNode:
             updates += [key, value]
     if not updates:
         return cfg
+    if "MODEL.DETR.NUM_CLASSES" in updates[0::2] and cfg.MODEL.DETR.CLASS_ROWS != "contiguous":
+        # the official COCO heads have a row per COCO category id; a dataset's own classes are contiguous rows
+        updates += ["MODEL.DETR.CLASS_ROWS", "contiguous"]
     changes = ", ".join(f"{key} {_cfg_get(cfg, key)} -> {value}" for key, value in zip(updates[0::2], updates[1::2]))
     logger.info(f"{found[0]} classes in {found[1]!r}: {changes}")
     frozen = cfg.is_frozen()
