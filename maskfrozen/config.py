@@ -9,6 +9,9 @@ def add_engine_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "SGD"  # "SGD" | "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # WEIGHT_DECAY_EMBED applies to nn.Embedding modules (Detectron2 / Mask2Former / FastInst official);
+    # True (ours): also to bare parameters named like *embed* (level_embed, meta_pos_embed, ...)
+    cfg.SOLVER.WEIGHT_DECAY_EMBED_BY_NAME = False
     # [(substring of a parameter name, lr multiplier)], applied after the backbone multiplier
     cfg.SOLVER.LR_MULTIPLIERS = []
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model" (set in our yaml files): the

@@ -56,8 +56,10 @@ def test_param_groups_follow_the_rules():
         "query_embed.weight": (1.0, 0.0),  # nn.Embedding
         "head.weight": (1.0, 0.1),
         "head.bias": (0.5, 0.2),
-        "level_embed": (1.0, 0.0),  # bare embedding parameter
+        "level_embed": (1.0, 0.1),  # a bare parameter: decayed, as the official Mask2Former / FastInst
     }
+    cfg.SOLVER.WEIGHT_DECAY_EMBED_BY_NAME = True  # ours: named like an embedding is enough
+    assert hyperparams_by_name(model, build_param_groups(model, cfg))["level_embed"] == (1.0, 0.0)
 
 
 def test_full_model_clipping_clips_the_global_norm():

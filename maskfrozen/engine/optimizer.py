@@ -5,8 +5,11 @@ Rules (applied per parameter, in this order):
 - lr x ``SOLVER.BACKBONE_MULTIPLIER`` for parameters under a module named ``backbone``;
 - lr x m for each ``[substring, m]`` of ``SOLVER.LR_MULTIPLIERS`` found in the name;
 - weight decay ``SOLVER.WEIGHT_DECAY_NORM`` for norm layers, ``SOLVER.WEIGHT_DECAY_EMBED``
-  for embeddings (``nn.Embedding`` and parameters named like ``*embed*``/``level_embed``
-  that are not inside a Linear/Conv), ``SOLVER.WEIGHT_DECAY_BIAS`` for biases.
+  for ``nn.Embedding`` modules (the official Mask2Former / FastInst rule; with
+  ``SOLVER.WEIGHT_DECAY_EMBED_BY_NAME`` also for bare parameters named like ``*embed*``, e.g.
+  ``level_embed``, that are not inside a Linear/Conv), ``SOLVER.WEIGHT_DECAY_BIAS`` for biases.
+  The official DETR-family recipes decay every parameter alike: their yaml files set
+  ``WEIGHT_DECAY_NORM`` and ``WEIGHT_DECAY_EMBED`` to ``WEIGHT_DECAY``.
 Parameters sharing (lr, weight decay) are merged into one group."""
 from typing import Any, Dict, List, Tuple, Type
 
@@ -26,10 +29,10 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
 
 
-def _is_embedding(module: nn.Module, param_name: str) -> bool:
+def _is_embedding(module: nn.Module, param_name: str, by_name: bool) -> bool:
     if isinstance(module, nn.Embedding):
         return True
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+    if not by_name or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return False
     return "embed" in param_name
 
@@ -47,7 +50,7 @@ def param_hyperparams(
             lr *= float(multiplier)
     if _is_norm(module):
         wd = solver.WEIGHT_DECAY_NORM
-    elif _is_embedding(module, param_name):
+    elif _is_embedding(module, param_name, solver.WEIGHT_DECAY_EMBED_BY_NAME):
         wd = solver.WEIGHT_DECAY_EMBED
     elif param_name == "bias" and solver.WEIGHT_DECAY_BIAS is not None:
         wd = solver.WEIGHT_DECAY_BIAS
