@@ -5,7 +5,7 @@
 
 * standard ONNX operators (default): the reference's decomposition, one ``GridSample``
   (bilinear, zero padding, ``align_corners=0``; opset >= 16) per feature level and the
-  attention-weighted sum. Any ONNX runtime runs it, no plugin. The level geometry
+  attention-weighted sum (per level, then over levels). Any ONNX runtime runs it, no plugin. The level geometry
   (``spatial_shapes``, ``level_start_index``) stays a graph value, so image height and
   width stay dynamic; the number of levels, heads, points and the head width are static.
 * one custom-domain node ``maskfrozen.MultiScaleDeformableAttention`` (``custom_domain=True``)
@@ -75,7 +75,12 @@ def _static_dims(x, dims, name: str):
 
 def ms_deform_attn_onnx(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The op as standard ONNX operators (module doc); shapes as in
-    :func:`maskfrozen.ops.ms_deform_attn`. Static: heads M, head width D, levels L, points P."""
+    :func:`maskfrozen.ops.ms_deform_attn`. Static: heads M, head width D, levels L, points P.
+
+    Per level: ``GridSample`` of the level's values at its ``P x Lq`` locations (points as
+    rows: ``[N*M, D, P, Lq]``), times the attention weights, summed over the points; the
+    levels are added up. (One concatenated ``[N*M, D, Lq, L*P]`` tensor, as the reference
+    builds it, took ~35% longer in ONNX Runtime: it copies the largest tensor twice.)"""
     num_heads, head_dim = _static_dims(value, (2, 3), "value")
     num_levels, num_points = _static_dims(sampling_locations, (3, 4), "sampling_locations")
     batch = op.Shape(value, start=0, end=1)
@@ -84,29 +89,30 @@ def ms_deform_attn_onnx(value, spatial_shapes, level_start_index, sampling_locat
     # value [N, S, M, D] -> [N*M, D, S]
     values = op.Reshape(op.Transpose(value, perm=[0, 2, 3, 1]), op.Concat(op.Constant(value_ints=[-1, head_dim]),
                                                                          num_values, axis=0))
-    # locations [N, Lq, M, L, P, 2] in [0, 1] -> grids [N*M, Lq, L, P, 2] in [-1, 1]
-    grids = op.Transpose(sampling_locations, perm=[0, 2, 1, 3, 4, 5])
-    grids = op.Reshape(grids, op.Concat(op.Constant(value_ints=[-1]), num_queries,
-                                        op.Constant(value_ints=[num_levels, num_points, 2]), axis=0))
+    # locations [N, Lq, M, L, P, 2] in [0, 1] -> grids [N*M, L, P, Lq, 2] in [-1, 1]
+    grids = op.Transpose(sampling_locations, perm=[0, 2, 3, 4, 1, 5])
+    grids = op.Reshape(grids, op.Concat(op.Constant(value_ints=[-1, num_levels, num_points]), num_queries,
+                                        op.Constant(value_ints=[2]), axis=0))
     two = op.CastLike(op.Constant(value_float=2.0), grids)
     one = op.CastLike(op.Constant(value_float=1.0), grids)
     grids = op.Sub(op.Mul(grids, two), one)
-    sampled = []
+    # weights [N, Lq, M, L, P] -> [N*M, L, 1, P, Lq]
+    weights = op.Transpose(attention_weights, perm=[0, 2, 3, 4, 1])
+    weights = op.Reshape(weights, op.Concat(op.Constant(value_ints=[-1, num_levels, 1, num_points]), num_queries,
+                                            axis=0))
+    out = None
     for level in range(num_levels):
         size = op.Gather(spatial_shapes, op.Constant(value_int=level), axis=0)  # [2] (H, W)
         start = op.Slice(level_start_index, [level], [level + 1])  # [1]
         end = op.Add(start, op.ReduceProd(size, keepdims=1))
         level_values = op.Slice(values, start, end, [2])  # [N*M, D, H*W]
         level_values = op.Reshape(level_values, op.Concat(op.Constant(value_ints=[-1, head_dim]), size, axis=0))
-        level_grid = op.Gather(grids, op.Constant(value_int=level), axis=2)  # [N*M, Lq, P, 2]
-        sampled.append(op.GridSample(level_values, level_grid, align_corners=0, mode="bilinear",
-                                     padding_mode="zeros"))  # [N*M, D, Lq, P]
-    sampled = op.Concat(*sampled, axis=3)  # [N*M, D, Lq, L*P], level-major like the reference
-    # weights [N, Lq, M, L, P] -> [N*M, 1, Lq, L*P]
-    weights = op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4])
-    weights = op.Reshape(weights, op.Concat(op.Constant(value_ints=[-1, 1]), num_queries,
-                                            op.Constant(value_ints=[num_levels * num_points]), axis=0))
-    out = op.ReduceSum(op.Mul(sampled, weights), op.Constant(value_ints=[-1]), keepdims=0)  # [N*M, D, Lq]
+        level_grid = op.Gather(grids, op.Constant(value_int=level), axis=1)  # [N*M, P, Lq, 2]
+        sampled = op.GridSample(level_values, level_grid, align_corners=0, mode="bilinear",
+                                padding_mode="zeros")  # [N*M, D, P, Lq]
+        level_weights = op.Gather(weights, op.Constant(value_int=level), axis=1)  # [N*M, 1, P, Lq]
+        level_out = op.ReduceSum(op.Mul(sampled, level_weights), op.Constant(value_ints=[2]), keepdims=0)
+        out = level_out if out is None else op.Add(out, level_out)  # [N*M, D, Lq]
     out = op.Reshape(out, op.Concat(batch, op.Constant(value_ints=[num_heads * head_dim, -1]), axis=0))
     return op.Transpose(out, perm=[0, 2, 1])  # [N, Lq, M*D]
 
