@@ -59,9 +59,9 @@ def _export(name: str, tmp_path_factory) -> Dict:
     if name == CLI_MODEL:  # through tools/export_model.py, both formats from one trace
         weights = str(out / "weights.pth")
         torch.save({"model": model.state_dict()}, weights)
-        result = _export_tool().main(["--config-file", os.path.join(REPO, config), "--output", str(out), "--format",
-                                      "onnx", "exported_program", "--no-optimize", *opts, "OUTPUT_DIR", str(out),
-                                      "MODEL.WEIGHTS", weights])
+        result = _tool("export_model").main([
+            "--config-file", os.path.join(REPO, config), "--output", str(out), "--format", "onnx", "exported_program",
+            "--no-optimize", "--verify", *opts, "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", weights])
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.WEIGHTS = weights
@@ -77,10 +77,11 @@ def exported(request, tmp_path_factory, one_thread):
     return _export(request.param, tmp_path_factory)
 
 
-def _export_tool():
+def _tool(name: str):
+    """tools/<name>.py as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("export_model_tool", os.path.join(REPO, "tools", "export_model.py"))
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -107,10 +108,16 @@ def test_onnx_matches_eager_on_two_sizes(exported):
         by_kind = differences_by_kind(max_abs_differences(reference, outputs), adapter.compared_outputs())
         for kind in ("logits", "boxes", "masks"):
             assert by_kind.get(kind, 0.0) <= ATOL, (case, by_kind)
+        with torch.no_grad():  # the torch.export program the ONNX model was converted from
+            program_outputs = adapter.outputs_of(exported["result"].program.module()(*adapter.inputs_of(images)))
+        program_by_kind = differences_by_kind(max_abs_differences(reference, program_outputs),
+                                              adapter.compared_outputs())
+        assert max(program_by_kind.values()) <= ATOL, (case, program_by_kind)
         with torch.no_grad():
             eager = exported["model"](batched)
         for ours, theirs in zip(eager, exported_model(batched)):
             c = compare_instances(ours["instances"], theirs["instances"])
+            print(f"[export] {exported['name']} {case}: onnx {by_kind} program {program_by_kind} {c}")  # pytest -s
             assert c["count"][0] == c["count"][1] > 0 and c["classes_equal"], (case, c)
             assert c["max_box_diff"] <= 0.5 and c["min_mask_iou"] >= 0.99 and c["max_score_diff"] <= 1e-4, (case, c)
 
@@ -208,6 +215,13 @@ def test_export_tool_files_and_predictors(tmp_path_factory, one_thread):
         got = ONNXPredictor(path)(image)["instances"]
         assert got.image_size == expected.image_size == (150, 200)
         assert len(got) == len(expected) > 0 and instances_match(expected, got), path
+    # tools/demo.py --onnx: overlays from the exported model, its config as the demo's config
+    image_path = str(tmp_path_factory.mktemp("demo_in") / "image.png")
+    cv2.imwrite(image_path, image)
+    out = str(tmp_path_factory.mktemp("demo_out"))
+    written = _tool("demo").main(["--config-file", result.config_path, "--onnx", result.model_paths["onnx"],
+                                  "--input", image_path, "--output", out])
+    assert [os.path.basename(p) for p in written] == ["image.png"] and os.path.getsize(written[0]) > 0
 
 
 def test_unsupported_meta_architecture_is_named(tmp_path):

@@ -92,6 +92,11 @@ class ExportAdapter(nn.Module):
     def size_divisibility(self) -> int:
         return int(self.preprocessor.size_divisibility)
 
+    @property
+    def max_stride(self) -> int:
+        """Stride of the coarsest feature map (the smallest exportable image has 2 cells on it)."""
+        return max(s.stride for s in self.model.backbone.output_shape().values())
+
     def preprocessing(self) -> Dict:
         """Pixel mean/std and size divisibility of ``preprocess_image`` (json-friendly)."""
         p = self.preprocessor
@@ -169,6 +174,10 @@ class DETRAdapter(ExportAdapter):
     def postprocessing_parameters(self) -> Dict:
         return {"test_topk": self.model.test_topk}
 
+    @property
+    def max_stride(self) -> int:
+        return max(self.model.level_strides)  # incl. the neck's extra levels
+
 
 # ----------------------------------------------------------------------------- Mask2Former, FastInst
 class QuerySegAdapter(ExportAdapter):
@@ -241,6 +250,10 @@ class MaskFrozenAdapter(ExportAdapter):
     @property
     def preprocessor(self) -> nn.Module:
         return self.model.detector
+
+    @property
+    def max_stride(self) -> int:
+        return max(self.model.detector.level_strides)
 
     @property
     def has_iou(self) -> bool:

@@ -4,10 +4,11 @@ trace, and write the json that describes the result.
 The graph is the adapter's ``forward`` (:mod:`.adapters`): preprocessed images in (normalised,
 zero-padded as the model's ``preprocess_image`` pads them; with ``image_sizes`` for the models
 that mask the padding), raw predictions out. Height and width are dynamic (in steps of the size
-divisibility when it is > 1) from 128 px, or the smallest size the model needs, to 4096 px; the
-batch is dynamic where the model allows it, else 1 (with a warning). After tracing, the program
-runs once on a larger image: torch.export does not report every specialisation, and a model
-whose code fixes a size is an error here rather than an ONNX model that fails on other images.
+divisibility when it is > 1) from the smallest size the model allows (2 cells on its coarsest
+feature map) to 4096 px; the batch is dynamic where the model allows it, else 1 (with a
+warning). After tracing, the program runs once on a larger image: torch.export does not report
+every specialisation, and a model whose code fixes a size is an error here rather than an ONNX
+model that fails on other images.
 
 In ONNX the deformable-attention op becomes standard operators (``GridSample``) by default, or
 one ``maskfrozen.MultiScaleDeformableAttention`` node with ``custom_domain=True``
@@ -38,7 +39,6 @@ _SUFFIXES = {"onnx": ".onnx", "exported_program": ".pt2"}
 DEFAULT_OPSET = 18
 METADATA_SUFFIX = ".json"
 _MAX_SIDE = 4096  # largest padded side the dynamic dims allow (pixels)
-_MIN_SIDE = 128  # smallest side they allow unless the model needs more or the sample is smaller
 
 
 @dataclass
@@ -49,6 +49,7 @@ class ExportResult:
     metadata_path: str
     config_path: str
     metadata: Dict
+    program: Optional[torch.export.ExportedProgram] = None  # the traced program (in memory)
 
     @property
     def model_path(self) -> str:
@@ -70,7 +71,7 @@ def sample_inputs(adapter: ExportAdapter, image: Optional[np.ndarray] = None, ba
     return adapter.preprocess([{"image": chw, "height": h, "width": w} for _ in range(batch)])
 
 
-def _dynamic_shapes(adapter: ExportAdapter, dynamic_batch: bool, min_side: int = _MIN_SIDE) -> Dict:
+def _dynamic_shapes(adapter: ExportAdapter, dynamic_batch: bool, min_side: int) -> Dict:
     step = max(adapter.size_divisibility, 1)
     batch = torch.export.Dim("batch", min=1, max=256) if dynamic_batch else torch.export.Dim.STATIC
     lowest = max(1, -(-min_side // step))
@@ -95,9 +96,9 @@ def export_program(adapter: ExportAdapter, images: ImageList, dynamic_batch: boo
     """``torch.export.export`` of ``adapter`` on the batch ``images`` (a batch of >= 2 for a
     dynamic batch; with ``dynamic_batch=False`` its first image: batch 1).
 
-    Height and width are dynamic from ``_MIN_SIDE`` px (or the smallest size the model's code
-    needs, e.g. 65 px for a stride-64 level: refined from torch.export's suggested fixes) to
-    ``_MAX_SIDE``. A model whose code fixes the batch size is exported with batch 1 (a warning
+    Height and width are dynamic from the model's largest feature stride + 1 px (2 cells on its
+    coarsest map; more where the model's code needs it: refined from torch.export's suggested
+    fixes) to ``_MAX_SIDE``. A model whose code fixes the batch size is exported with batch 1 (a warning
     says so); one whose code fixes the height or width cannot be exported (ValueError with
     torch.export's explanation)."""
     from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
@@ -106,7 +107,7 @@ def export_program(adapter: ExportAdapter, images: ImageList, dynamic_batch: boo
     if not dynamic_batch or len(images) < 2:
         dynamic_batch, images = False, _first_image(images)
     sample_side = min(images.tensor.shape[-2:])
-    spec = _dynamic_shapes(adapter, dynamic_batch, min(_MIN_SIDE, sample_side))
+    spec = _dynamic_shapes(adapter, dynamic_batch, min(adapter.max_stride + 1, sample_side))
     args = adapter.inputs_of(images)
     try:
         return _checked_dynamic(_export(adapter, args, spec), adapter, images)
@@ -255,4 +256,4 @@ def export_model(cfg: CfgNode, output_dir: str, formats: Sequence[str] = ("onnx"
     with open(json_path, "w") as f:
         json.dump(meta, f, indent=2)
     return ExportResult({fmt: os.path.join(output_dir, file) for fmt, file in files.items()}, json_path,
-                        os.path.join(output_dir, config_file), meta)
+                        os.path.join(output_dir, config_file), meta, program)
