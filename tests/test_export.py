@@ -282,3 +282,23 @@ def test_adaptive_avg_pool_stays_dynamic_in_onnx(tmp_path):
     for shape in [(1, 3, 8, 31), (3, 3, 24, 6), (1, 3, 7, 9)]:
         x = torch.randn(*shape)
         assert np.abs(Pool()(x).numpy() - session.run(None, {"x": x.numpy()})[0]).max() < 1e-6
+
+
+def test_too_few_encoder_tokens_is_a_clear_error(tmp_path_factory):
+    """The one limit of the exported DETR graphs (DINO, Co-DINO, H-DETR, two-stage
+    Deformable-DETR, Mask Frozen-DETR): an image with fewer encoder tokens than queries (the
+    PyTorch model pads its queries then) is refused by the exported model's predictor path with
+    an error naming the sizes, instead of an ONNX Runtime broadcast failure."""
+    from maskfrozen.export import adapter_for
+
+    info = _export("dino", tmp_path_factory)
+    queries = info["model"].transformer.num_queries
+    exported_model, adapter = info["exported"], adapter_for(info["model"])
+    batched = _batched([(65, 66)])  # 9x9 + 5x5 + 3x3 + 2x2 = 119 tokens >= 20 queries: runs
+    assert len(exported_model(batched)[0]["instances"]) > 0
+    adapter.model.transformer.num_queries = 200  # as a model with more queries than tokens
+    try:
+        with pytest.raises(ValueError, match=r"65x66 input gives 119 encoder tokens, fewer than .*NUM_QUERIES=200"):
+            adapter.check_images(adapter.preprocess(batched))
+    finally:
+        adapter.model.transformer.num_queries = queries

@@ -82,6 +82,10 @@ class ExportAdapter(nn.Module):
         """The inference settings the post-processing uses (written to the export's json)."""
         return {}
 
+    def check_images(self, images: ImageList) -> None:
+        """Raise a ValueError for a batch the exported graph cannot run although the PyTorch
+        model can (none by default)."""
+
     # ------------------------------------------------------------------ preprocessing
     @property
     def preprocessor(self) -> nn.Module:
@@ -178,6 +182,25 @@ class DETRAdapter(ExportAdapter):
     def max_stride(self) -> int:
         return max(self.model.level_strides)  # incl. the neck's extra levels
 
+    def check_images(self, images: ImageList) -> None:
+        check_encoder_tokens(self.model, images)
+
+
+def check_encoder_tokens(detector: nn.Module, images: ImageList) -> None:
+    """The exported DETR graph selects NUM_QUERIES encoder tokens as queries (two-stage): an
+    image with fewer tokens (sum over levels of ceil(H/s) x ceil(W/s)) is an error here; the
+    PyTorch model pads its queries then, a branch the graph traced on a larger image lacks
+    (ONNX Runtime would fail in a broadcast, the .pt2 program in a shape guard)."""
+    transformer = detector.transformer
+    if not transformer.two_stage:
+        return
+    h, w = images.tensor.shape[-2:]
+    tokens = sum(-(-h // s) * -(-w // s) for s in detector.level_strides)
+    if tokens < transformer.num_queries:
+        raise ValueError(f"exported {type(detector).__name__}: a {h}x{w} input gives {tokens} encoder tokens, fewer "
+                         f"than MODEL.DETR.NUM_QUERIES={transformer.num_queries}: use larger images (the PyTorch "
+                         f"model pads its queries for such images, the exported graph cannot)")
+
 
 # ----------------------------------------------------------------------------- Mask2Former, FastInst
 class QuerySegAdapter(ExportAdapter):
@@ -254,6 +277,9 @@ class MaskFrozenAdapter(ExportAdapter):
     @property
     def max_stride(self) -> int:
         return max(self.model.detector.level_strides)
+
+    def check_images(self, images: ImageList) -> None:
+        check_encoder_tokens(self.model.detector, images)
 
     @property
     def has_iou(self) -> bool:

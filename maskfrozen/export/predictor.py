@@ -129,6 +129,7 @@ class ExportedModel:
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
         images = normalized_image_batch(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
+        self.adapter.check_images(images)
         outputs = self.run(self.adapter.inputs_of(images))
         with torch.no_grad():
             return self.adapter.postprocess(outputs, batched_inputs, images)
