@@ -302,3 +302,26 @@ def test_too_few_encoder_tokens_is_a_clear_error(tmp_path_factory):
             adapter.check_images(adapter.preprocess(batched))
     finally:
         adapter.model.transformer.num_queries = queries
+
+
+def test_failed_graph_optimisation_keeps_the_unoptimised_graph(op_program, tmp_path, monkeypatch, caplog):
+    """onnxscript's optimiser fails on some graphs (SOTR's split, onnxscript 0.7): the export then
+    writes the unoptimised graph with a warning instead of failing."""
+    from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+    from maskfrozen.export.exporter import export_onnx
+
+    def broken(self):
+        self.model.graph.node(0).op_type = "Broken"  # what a half-finished pass could leave
+        raise RuntimeError("Error during constant folding for node 'node_split_29' (::SplitToSequence)")
+
+    monkeypatch.setattr(ONNXProgram, "optimize", broken)
+    names = type("Names", (), {"input_names": ("value", "spatial_shapes", "level_start_index", "locations",
+                                               "weights"), "output_names": ("out",)})()
+    path = str(tmp_path / "op.onnx")
+    with caplog.at_level("WARNING"):
+        export_onnx(op_program, names, path, optimize=True)
+    assert "graph optimisation failed (RuntimeError: Error during constant folding" in caplog.text
+    graph = onnx.load(path)
+    assert "Broken" not in {n.op_type for n in graph.graph.node}
+    assert [i.name for i in graph.graph.input] == list(names.input_names)

@@ -145,13 +145,28 @@ def _checked_dynamic(program, adapter: ExportAdapter, images: ImageList):
 
 def export_onnx(program, adapter: ExportAdapter, path: str, custom_domain: bool = False,
                 opset: int = DEFAULT_OPSET, optimize: bool = True):
-    """Convert an exported program to ONNX at ``path`` (named inputs/outputs, one file)."""
+    """Convert an exported program to ONNX at ``path`` (named inputs/outputs, one file).
+
+    ``optimize``: onnxscript's graph optimisation (constant folding, redundancy removal). When it
+    fails (onnxscript 0.7 folds SOTR's split wrongly: "Error during constant folding for node
+    ...SplitToSequence") the unoptimised graph is written, with a warning; ONNX Runtime
+    optimises the graph again when it loads it."""
+    import onnx_ir as ir
+
     from .onnx_ops import translation_table
 
     onnx_program = torch.onnx.export(
         program, dynamo=True, opset_version=opset, input_names=list(adapter.input_names),
         output_names=list(adapter.output_names), custom_translation_table=translation_table(custom_domain),
-        optimize=optimize, external_data=False)
+        optimize=False, external_data=False)
+    if optimize:
+        unoptimized = ir.to_proto(onnx_program.model)
+        try:
+            onnx_program.optimize()
+        except Exception as e:  # an onnxscript optimiser bug must not cost the export
+            logger.warning("onnxscript's graph optimisation failed (%s: %s); writing the unoptimised graph",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            onnx_program.model = ir.from_proto(unoptimized)
     onnx_program.save(path, external_data=False)
     return onnx_program
 

@@ -47,9 +47,9 @@ def postprocessing_model(cfg: CfgNode) -> torch.nn.Module:
     """The PyTorch model of ``cfg`` on the CPU in eval mode, randomly initialised: only its
     post-processing runs (its ``inference`` reads settings, never weights). Mask Frozen-DETR's
     detector checkpoint is not read."""
-    from maskfrozen.data.datasets import apply_dataset_config
+    from maskfrozen.config import prepare_config
 
-    cfg = apply_dataset_config(cfg).clone()
+    cfg = prepare_config(cfg).clone()  # datasets and class counts resolved as the PyTorch predictor does
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
