@@ -67,7 +67,7 @@ def test_a_whole_official_checkpoint_converts_completely(case, torchvision_resne
     shared copies) and every key of the shipped COCO config's model (same reductions) is
     filled, as tools/convert_checkpoint.py requires."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
-    sys.path.insert(0, GOLDEN)
+    sys.path.append(GOLDEN)  # last: tests/conftest.py stays `conftest` for spawned DDP workers
     from convert_checkpoint import check_complete
     from golden_compare import case as golden_case
 
