@@ -14,7 +14,7 @@ import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
-from conftest import REPO, TINY_CONFIG, make_cfg
+from conftest import REPO, TINY_CONFIG, captured_logs, make_cfg
 from maskfrozen.data.datasets import parse_dataset_flag, register_coco_json, resolve_num_classes
 from maskfrozen.engine import Trainer
 from maskfrozen.engine.weights import CheckedCheckpointer, WeightsMismatchError
@@ -258,5 +258,9 @@ def test_dataset_classes_on_a_coco_detr_config_switch_to_contiguous_class_rows(c
     cfg = resolve_num_classes(make_cfg(coco_dino, tmp_path, "DATASETS.TRAIN", "('toy_rows',)",
                                        "MODEL.NUM_CLASSES_FROM_DATASET", "True"))
     assert (cfg.MODEL.DETR.NUM_CLASSES, cfg.MODEL.DETR.CLASS_ROWS) == (3, "contiguous")
-    kept = resolve_num_classes(make_cfg(coco_dino, tmp_path, "DATASETS.TRAIN", "('toy_rows',)"))
+    with captured_logs("maskfrozen") as messages:
+        kept = resolve_num_classes(make_cfg(coco_dino, tmp_path, "DATASETS.TRAIN", "('toy_rows',)"))
     assert (kept.MODEL.DETR.NUM_CLASSES, kept.MODEL.DETR.CLASS_ROWS) == (91, "coco_category_id")
+    # the rows are category ids, mapped to the dataset's classes: no "extra class outputs ... dropped" warning
+    assert not any("extra class outputs" in m for m in messages)
+    assert any("class-head rows are category ids" in m for m in messages)

@@ -585,6 +585,11 @@ def _num_classes_update(cfg: CfgNode, key: str, count: int, dataset: str) -> Opt
             f"{count - value} of them. Set {key} {count}, or MODEL.NUM_CLASSES_FROM_DATASET True to take "
             f"it from the data"
         )
+    if key == "MODEL.DETR.NUM_CLASSES" and cfg.MODEL.DETR.get("CLASS_ROWS") == "coco_category_id":
+        # one row per category id (the official COCO heads): rows are mapped to the dataset's classes, none dropped
+        logger.info(f"{key} {value}: class-head rows are category ids (MODEL.DETR.CLASS_ROWS coco_category_id); "
+                    f"dataset {dataset!r} has {count} classes")
+        return None
     _warn_once(f"{key} is {value} but dataset {dataset!r} has {count} classes: the {value - count} extra class "
                f"outputs are never trained, and evaluation drops predictions of them (classes {count}..{value - 1})")
     return None
