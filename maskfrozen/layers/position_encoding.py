@@ -8,10 +8,15 @@ from torch import nn
 __all__ = ["PositionEmbeddingSine", "sine_embedding"]
 
 
-def _interleave_sin_cos(pos: torch.Tensor) -> torch.Tensor:
-    """``[..., F]`` angles -> ``[..., F]`` with sin on even and cos on odd channels,
-    channels paired (sin(a_0), cos(a_1), sin(a_2), ...) as in DETR."""
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+def _sin_cos_blocks(angles: torch.Tensor) -> torch.Tensor:
+    """``[..., D, F / 2]`` angles -> ``[..., D * F]``: per coordinate ``d`` the block
+    (sin(a_0), cos(a_0), sin(a_1), cos(a_1), ...), DETR's interleaved channels.
+
+    DETR computes ``sin(c / dim_t[2i])`` and ``cos(c / dim_t[2i + 1])``; the frequencies come
+    in equal pairs (``dim_t[2i] == dim_t[2i + 1]``, see :func:`_frequencies`), so each angle is
+    computed once here, from ``dim_t[0::2]``: the same numbers in a third of the ops (which is
+    what ``torch.export`` pays for, per op, with dynamic shapes)."""
+    return torch.stack((angles.sin(), angles.cos()), -1).flatten(-3)
 
 
 def _frequencies(num_feats: int, temperature: float, device, dtype) -> torch.Tensor:
@@ -56,10 +61,9 @@ class PositionEmbeddingSine(nn.Module):
         if self.normalize:
             y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + self.eps) * self.scale
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps) * self.scale
-        dim_t = _frequencies(self.num_pos_feats, self.temperature, mask.device, torch.float32)
-        pos_x = _interleave_sin_cos(x_embed[..., None] / dim_t)
-        pos_y = _interleave_sin_cos(y_embed[..., None] / dim_t)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+        dim_t = _frequencies(self.num_pos_feats, self.temperature, mask.device, torch.float32)[0::2]
+        angles = torch.stack((y_embed, x_embed), -1)[..., None] / dim_t  # [N, H, W, 2 (y, x), F / 2]
+        return _sin_cos_blocks(angles).permute(0, 3, 1, 2)
 
 
 def sine_embedding(
@@ -75,8 +79,7 @@ def sine_embedding(
     ``exchange_xy=True`` puts y before x: DINO's ``(y, x, w, h)`` order.
     Deformable-DETR's two-stage proposal embedding uses ``(x, y, w, h)`` (False).
     """
-    dim_t = _frequencies(num_feats, temperature, coords.device, coords.dtype)
-    blocks = [_interleave_sin_cos(coords[..., i : i + 1] * scale / dim_t) for i in range(coords.shape[-1])]
-    if exchange_xy and len(blocks) >= 2:
-        blocks[0], blocks[1] = blocks[1], blocks[0]
-    return torch.cat(blocks, dim=-1)
+    if exchange_xy and coords.shape[-1] >= 2:
+        coords = torch.cat([coords[..., 1:2], coords[..., :1], coords[..., 2:]], -1)
+    dim_t = _frequencies(num_feats, temperature, coords.device, coords.dtype)[0::2]
+    return _sin_cos_blocks((coords * scale)[..., None] / dim_t)

@@ -197,9 +197,9 @@ def _topk_padded(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, Optional[t
     """Indices ``[N, k]`` of the top-k scores over dim 1; when fewer than k tokens exist,
     all of them, then copies of the last one, with a ``[N, k]`` padding mask (else None)."""
     available = scores.shape[1]
-    index = scores.topk(min(k, available), dim=1).indices
-    if available >= k:
-        return index, None
+    if available >= k:  # (not min(k, available): while exporting, a symbolic Min(k, S) query count)
+        return scores.topk(k, dim=1).indices, None
+    index = scores.topk(available, dim=1).indices
     fill = index[:, -1:].expand(-1, k - available)
     padding = torch.zeros(index.shape[0], k, dtype=torch.bool, device=index.device)
     padding[:, available:] = True
