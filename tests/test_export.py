@@ -9,6 +9,7 @@ boxes within 0.5 px, mask IoU >= 0.99) through the exported model's own predicto
 ONNX operators (no custom domain) by default, and as one custom-domain node on request.
 """
 import os
+from types import SimpleNamespace
 from typing import Dict, List
 
 import numpy as np
@@ -316,8 +317,8 @@ def test_failed_graph_optimisation_keeps_the_unoptimised_graph(op_program, tmp_p
         raise RuntimeError("Error during constant folding for node 'node_split_29' (::SplitToSequence)")
 
     monkeypatch.setattr(ONNXProgram, "optimize", broken)
-    names = type("Names", (), {"input_names": ("value", "spatial_shapes", "level_start_index", "locations",
-                                               "weights"), "output_names": ("out",)})()
+    names = SimpleNamespace(input_names=("value", "spatial_shapes", "level_start_index", "locations", "weights"),
+                            output_names=("out",))
     path = str(tmp_path / "op.onnx")
     with caplog.at_level("WARNING"):
         export_onnx(op_program, names, path, optimize=True)

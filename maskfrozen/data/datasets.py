@@ -568,8 +568,9 @@ def _cfg_get(cfg: CfgNode, key: str) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    logger.warning(message)
+def _log_once(level: int, message: str) -> None:
+    """Log ``message`` once per process (configs are resolved several times per run)."""
+    logger.log(level, message)
 
 
 def _num_classes_update(cfg: CfgNode, key: str, count: int, dataset: str) -> Optional[int]:
@@ -587,11 +588,12 @@ def _num_classes_update(cfg: CfgNode, key: str, count: int, dataset: str) -> Opt
         )
     if key == "MODEL.DETR.NUM_CLASSES" and cfg.MODEL.DETR.get("CLASS_ROWS") == "coco_category_id":
         # one row per category id (the official COCO heads): rows are mapped to the dataset's classes, none dropped
-        logger.info(f"{key} {value}: class-head rows are category ids (MODEL.DETR.CLASS_ROWS coco_category_id); "
-                    f"dataset {dataset!r} has {count} classes")
+        _log_once(logging.INFO, f"{key} {value}: class-head rows are category ids (MODEL.DETR.CLASS_ROWS "
+                                f"coco_category_id); dataset {dataset!r} has {count} classes")
         return None
-    _warn_once(f"{key} is {value} but dataset {dataset!r} has {count} classes: the {value - count} extra class "
-               f"outputs are never trained, and evaluation drops predictions of them (classes {count}..{value - 1})")
+    _log_once(logging.WARNING, f"{key} is {value} but dataset {dataset!r} has {count} classes: the {value - count} "
+              f"extra class outputs are never trained, and evaluation drops predictions of them (classes "
+              f"{count}..{value - 1})")
     return None
 
 
